@@ -1,0 +1,1 @@
+"""Great Expectations suites, one per stage output (filled in by the quality stage)."""

@@ -1,0 +1,154 @@
+"""The `capfactory` command line: every stage runs as a Prefect flow on a Dask cluster."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from infra.settings import DatasetSpec, SpecError, build_spec, load_spec
+from infra.store import StoreError
+from tasks.inputs import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="capfactory: a workflow-orchestrated factory for image-text training data.")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def resolve_spec(spec_path: Path | None, dataset: str | None, inputs: list[str], input_options: dict,
+                 overrides: dict[str, Any]) -> DatasetSpec:
+    """The dataset spec from a YAML file (optional) with command-line values laid over it."""
+    try:
+        data = load_spec(spec_path).model_dump(mode="json", exclude_unset=True) if spec_path else {}
+        if dataset:
+            data["name"] = dataset
+        if "name" not in data:
+            raise SpecError("name the dataset with --dataset NAME (or `name:` in a spec)")
+        if inputs:
+            data["inputs"] = [{"path": str(Path(p).resolve()),
+                               **{k: v for k, v in input_options.items() if v is not None}} for p in inputs]
+        for dotted, value in overrides.items():
+            if value is not None:
+                _set(data, dotted, value)
+        return build_spec(data, "the command line")
+    except SpecError as e:
+        _fail(str(e))
+        raise
+
+
+def _print_summary(result: dict) -> None:
+    counts = result["counts"]
+    typer.echo(f"\ndataset {result['dataset']} in {result['store']}")
+    typer.echo(f"  shards ingested now: {len(result['shards_ingested'])}, already done: "
+               f"{len(result['shards_already_done'])}, new samples: {result['new_samples']}, "
+               f"already known: {result['known_samples']}, repeated URLs skipped: {result['duplicate_urls']}")
+    typer.echo("  status: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "nothing to do"))
+    if result["error_classes"]:
+        top = sorted(result["error_classes"].items(), key=lambda kv: -kv[1])
+        typer.echo("  errors: " + ", ".join(f"{k}={v}" for k, v in top))
+    d = result["dedup"]
+    typer.echo(f"  duplicates: exact={d['exact_duplicates']} near={d['near_duplicates']} "
+               f"(phash distance <= {d['phash_threshold']})")
+
+
+@app.command()
+def ingest(
+    inputs: Annotated[list[str] | None, typer.Argument(help="URL lists (parquet/csv/tsv/jsonl[.gz]), folders")] = None,
+    dataset: Annotated[str | None, typer.Option(help="dataset name (folder in the store)")] = None,
+    spec: Annotated[Path | None, typer.Option(help="YAML dataset spec; command-line options override it")] = None,
+    store: Annotated[str | None, typer.Option(help="artifact store: a folder or s3://bucket/prefix")] = None,
+    shard_size: Annotated[int | None, typer.Option(help="samples per shard [1000]")] = None,
+    url_col: Annotated[str | None, typer.Option(help="URL column (default: by preset)")] = None,
+    caption_col: Annotated[str | None, typer.Option(help="caption column (default: by preset)")] = None,
+    input_format: Annotated[str | None, typer.Option(help="parquet|csv|tsv|jsonl|folder [auto]")] = None,
+    preset: Annotated[str | None, typer.Option(help="laion|cc3m|wit|generic [auto]")] = None,
+    image_size: Annotated[int | None, typer.Option(help="target size in pixels [256]")] = None,
+    resize_mode: Annotated[str | None, typer.Option(help="no|keep_ratio|keep_ratio_largest|center_crop|border")] = None,
+    resize_only_if_bigger: Annotated[bool | None, typer.Option(help="never upscale")] = None,
+    encode_format: Annotated[str | None, typer.Option(help="jpg|webp|png [jpg]")] = None,
+    encode_quality: Annotated[int | None, typer.Option(help="1-100 [95]")] = None,
+    min_image_size: Annotated[int | None, typer.Option(help="filter: smallest side of the original")] = None,
+    max_aspect_ratio: Annotated[float | None, typer.Option(help="filter: longer/shorter side")] = None,
+    max_image_pixels: Annotated[int | None, typer.Option(help="decompression-bomb limit [50M]")] = None,
+    phash_threshold: Annotated[int | None, typer.Option(help="near-duplicate Hamming distance [4]")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="requests in flight per worker [64]")] = None,
+    per_host: Annotated[int | None, typer.Option(help="connections per host per worker [16]")] = None,
+    timeout: Annotated[float | None, typer.Option(help="total seconds per request attempt [30]")] = None,
+    retries: Annotated[int | None, typer.Option(help="retries on transient errors [2]")] = None,
+    max_bytes: Annotated[int | None, typer.Option(help="body size cap [20MB]")] = None,
+    user_agent_token: Annotated[str | None, typer.Option(help="our robots.txt agent token [capfactory]")] = None,
+    robots_txt: Annotated[bool | None, typer.Option("--robots-txt/--no-robots-txt", help="honour robots.txt")] = None,
+    x_robots_tag: Annotated[bool | None, typer.Option("--x-robots-tag/--no-x-robots-tag",
+                                                      help="honour X-Robots-Tag")] = None,
+    allow_cidr: Annotated[list[str] | None, typer.Option(help="open a private/loopback range (repeatable)")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="download the failed samples of finished shards again")] = False,
+    dask_address: Annotated[str | None, typer.Option(help="attach to this Dask scheduler")] = None,
+    workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes [cores]")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the summary as JSON here")] = None,
+) -> None:
+    """Download, validate, resize, hash and dedup images into WebDataset + Parquet shards."""
+    from infra.settings import Settings
+
+    overrides = {
+        "store": store, "ingest.shard_size": shard_size, "ingest.phash_threshold": phash_threshold,
+        "ingest.images.image_size": image_size, "ingest.images.resize_mode": resize_mode,
+        "ingest.images.resize_only_if_bigger": resize_only_if_bigger,
+        "ingest.images.encode_format": encode_format, "ingest.images.encode_quality": encode_quality,
+        "ingest.images.min_image_size": min_image_size, "ingest.images.max_aspect_ratio": max_aspect_ratio,
+        "ingest.images.max_image_pixels": max_image_pixels, "ingest.download.concurrency": concurrency,
+        "ingest.download.per_host": per_host, "ingest.download.total_timeout": timeout,
+        "ingest.download.retries": retries, "ingest.download.max_bytes": max_bytes,
+        "ingest.download.user_agent_token": user_agent_token, "ingest.download.respect_robots_txt": robots_txt,
+        "ingest.download.respect_x_robots_tag": x_robots_tag,
+        "ingest.download.allow_cidrs": allow_cidr or None,
+    }
+    input_options = {"url_col": url_col, "caption_col": caption_col, "format": input_format, "preset": preset}
+    ds = resolve_spec(spec, dataset, inputs or [], input_options, overrides)
+    if not ds.inputs and not retry_failed:
+        typer.echo("no inputs given: resuming the dataset's unfinished shards", err=True)
+    settings = Settings()
+    from flows.ingest import run_ingest
+
+    try:
+        result = run_ingest(ds.name, list(ds.inputs), store=ds.store or settings.store, config=ds.ingest,
+                            retry_failed=retry_failed, dask_address=dask_address or settings.dask_address,
+                            workers=workers or settings.dask_workers, progress=sys.stderr.isatty())
+    except (InputError, StoreError, SpecError) as e:
+        _fail(str(e))
+    _print_summary(result)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1, default=str))
+
+
+@app.command()
+def demo(
+    store: Annotated[str | None, typer.Option(help="artifact store [./capfactory-data]")] = None,
+    samples: Annotated[int, typer.Option(help="image URLs to crawl")] = 400,
+    dataset: Annotated[str, typer.Option(help="dataset name")] = "demo",
+) -> None:
+    """Crawl scikit-image's sample photos from a loopback server (with faults mixed in) and ingest them."""
+    from flows.demo import run_demo
+
+    try:
+        result = run_demo(store=store, samples=samples, dataset=dataset)
+    except (InputError, StoreError, SpecError) as e:
+        _fail(str(e))
+    _print_summary(result)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Infrastructure: settings and dataset specs, the artifact store, the Dask cluster factory."""

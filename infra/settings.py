@@ -1,0 +1,170 @@
+"""Process settings (env vars `CAPFACTORY_*`) and the YAML dataset spec, with errors that name the bad field."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STORE = "./capfactory-data"
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class SpecError(ValueError):
+    """A dataset spec or a command-line option that does not validate; the message names the field."""
+
+
+class Settings(BaseSettings):
+    """Where things live. Read from the environment (`CAPFACTORY_STORE`, `CAPFACTORY_S3_ENDPOINT`, ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="CAPFACTORY_", extra="ignore")
+
+    store: str = DEFAULT_STORE
+    s3_endpoint: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_secure: bool = True
+    s3_region: str | None = None
+    dask_address: str | None = None
+    dask_workers: int | None = Field(default=None, ge=1)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DownloadConfig(_Strict):
+    """How images are fetched. Only the opt-out and address policy fields change what lands in a shard."""
+
+    concurrency: int = Field(default=64, ge=1, le=4096, description="requests in flight per shard task")
+    per_host: int = Field(default=16, ge=1, le=1024, description="connections per host per shard task")
+    connect_timeout: float = Field(default=5.0, gt=0)
+    read_timeout: float = Field(default=10.0, gt=0)
+    total_timeout: float = Field(default=30.0, gt=0)
+    retries: int = Field(default=2, ge=0, le=10, description="retries on transient errors only")
+    backoff: float = Field(default=0.5, ge=0, description="first retry delay in seconds, doubled each time")
+    max_redirects: int = Field(default=5, ge=0, le=30)
+    max_bytes: int = Field(default=20_000_000, gt=0, description="body size cap")
+    user_agent_token: str = Field(default="capfactory", pattern=r"^[A-Za-z0-9_-]+$")
+    respect_robots_txt: bool = True
+    respect_x_robots_tag: bool = True
+    disallowed_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex", "none")
+    allow_cidrs: tuple[str, ...] = Field(
+        default=(), description="private/loopback ranges opened explicitly, e.g. 127.0.0.0/8"
+    )
+
+    @field_validator("allow_cidrs")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as e:
+                raise ValueError(f"{cidr!r} is not a CIDR range ({e})") from None
+        return value
+
+    @property
+    def user_agent(self) -> str:
+        return f"Mozilla/5.0 (compatible; {self.user_agent_token}/0.1; +https://github.com/capfactory/capfactory)"
+
+
+ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
+
+
+class ImageConfig(_Strict):
+    """What is done to each image; every field changes the output, so all of them are in the config hash."""
+
+    image_size: int = Field(default=256, ge=8, le=16384)
+    resize_mode: ResizeMode = "keep_ratio"
+    resize_only_if_bigger: bool = False
+    encode_format: Literal["jpg", "webp", "png"] = "jpg"
+    encode_quality: int = Field(default=95, ge=1, le=100)
+    min_image_size: int = Field(default=0, ge=0, description="smallest side of the original, in pixels")
+    max_aspect_ratio: float | None = Field(default=None, ge=1.0)
+    max_image_pixels: int = Field(default=50_000_000, gt=0, description="decompression-bomb limit")
+
+
+class IngestConfig(_Strict):
+    shard_size: int = Field(default=1000, ge=1, le=1_000_000)
+    phash_threshold: int = Field(default=4, ge=0, le=16, description="near-duplicate Hamming distance")
+    images: ImageConfig = ImageConfig()
+    download: DownloadConfig = DownloadConfig()
+
+    def config_hash(self) -> str:
+        """Hash of the fields that change a shard's content (not the performance knobs)."""
+        d = self.download
+        relevant = {
+            "images": self.images.model_dump(mode="json"),
+            "optout": [d.respect_robots_txt, d.respect_x_robots_tag, sorted(d.disallowed_directives)],
+            "allow_cidrs": sorted(d.allow_cidrs),
+            "max_bytes": d.max_bytes,
+            "max_redirects": d.max_redirects,
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "folder"]
+Preset = Literal["auto", "laion", "cc3m", "wit", "generic"]
+
+
+class InputSpec(_Strict):
+    path: str
+    format: InputFormat = "auto"
+    preset: Preset = "auto"
+    url_col: str | None = None
+    caption_col: str | None = None
+
+
+class DatasetSpec(_Strict):
+    name: str
+    store: str | None = None
+    inputs: list[InputSpec] = []
+    ingest: IngestConfig = IngestConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not DATASET_NAME.match(value):
+            raise ValueError("must be 1-128 characters of letters, digits, '.', '_' or '-'")
+        return value
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source} is not valid:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+        lines.append(f"  {field}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def build_spec(data: dict[str, Any], source: str = "dataset spec") -> DatasetSpec:
+    try:
+        return DatasetSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, source)) from None
+
+
+def load_spec(path: str | Path) -> DatasetSpec:
+    """Read and validate a YAML dataset spec; relative input paths are taken from the spec's folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SpecError(f"cannot read dataset spec {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"dataset spec {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"dataset spec {path} must be a YAML mapping, got {type(data).__name__}")
+    for item in data.get("inputs") or []:
+        if isinstance(item, dict) and isinstance(item.get("path"), str) and "://" not in item["path"]:
+            item["path"] = str((path.parent / item["path"]).resolve())
+    return build_spec(data, f"dataset spec {path}")

@@ -1,0 +1,1 @@
+"""The work itself: one module per capability, plain functions first."""

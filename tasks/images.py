@@ -1,0 +1,192 @@
+"""Image validation and transformation: magic bytes, bounded decode, EXIF transpose, resize, re-encode, hashes.
+
+`process_image` is the per-sample hot path of ingest; it does one decode (at reduced scale when the target
+size allows, JPEG draft mode) and derives everything else from that decoded image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from infra.settings import ImageConfig
+
+Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit from the header, before decoding
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+_ENCODE = {"jpg": ("JPEG", "jpg"), "webp": ("WEBP", "webp"), "png": ("PNG", "png")}
+_ORIENTATION_SWAPS = {5, 6, 7, 8}
+
+
+class ImageError(Exception):
+    def __init__(self, error_class: str, message: str, status: str = "error"):
+        super().__init__(message)
+        self.error_class = error_class
+        self.status = status
+
+
+@dataclass(slots=True)
+class ProcessedImage:
+    data: bytes  # re-encoded
+    ext: str
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+    sha256: str  # of the original bytes
+    phash: str  # 16 hex digits
+    source_format: str
+    original_bytes: int
+
+
+def sniff(data: bytes) -> str | None:
+    """The image format from magic bytes, 'html'/'text' for markup, or None."""
+    for magic, name in _SIGNATURES:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis", b"heic", b"heix", b"mif1"):
+        return "avif" if data[8:12].startswith(b"avi") else "heic"
+    head = data[:512].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<svg")):
+        return "svg" if b"<svg" in head else "html"
+    if head.startswith((b"<", b"{", b"[")):
+        return "text"
+    return None
+
+
+def target_size(w: int, h: int, cfg: ImageConfig) -> tuple[int, int]:
+    """Output size before any crop/pad, following img2dataset's resize modes."""
+    size, mode = cfg.image_size, cfg.resize_mode
+    if mode == "no":
+        return w, h
+    # keep_ratio / center_crop fit the smaller side; keep_ratio_largest / border fit the larger side.
+    scale = size / min(w, h) if mode in ("keep_ratio", "center_crop") else size / max(w, h)
+    if cfg.resize_only_if_bigger and scale >= 1:
+        return w, h
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+@cache
+def _dct_matrix(n: int = 32) -> np.ndarray:
+    k = np.arange(n)
+    m = np.cos(np.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n)) * np.sqrt(2 / n)
+    m[0] /= np.sqrt(2)
+    return m.astype(np.float32)
+
+
+def phash(img: Image.Image) -> int:
+    """64-bit perceptual hash (DCT of a 32x32 grey thumbnail, low 8x8 frequencies against their median)."""
+    grey = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float32)
+    d = _dct_matrix()
+    low = (d @ grey @ d.T)[:8, :8].ravel()
+    bits = low > np.median(low)
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def phash_hex(value: int) -> str:
+    return f"{value:016x}"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def _scale(img: Image.Image, cfg: ImageConfig, original: tuple[int, int]) -> Image.Image:
+    """Scale to the size computed from the original (`img` may be a reduced-scale JPEG draft).
+    Downscaling uses area averaging (BOX), as img2dataset does with cv2.INTER_AREA; upscaling uses Lanczos."""
+    tw, th = target_size(*original, cfg)
+    if (tw, th) == img.size:
+        return img
+    resample = Image.Resampling.LANCZOS if tw > img.width else Image.Resampling.BOX
+    return img.resize((tw, th), resample)
+
+
+def _crop_or_pad(img: Image.Image, cfg: ImageConfig) -> Image.Image:
+    size, (w, h) = cfg.image_size, img.size
+    if cfg.resize_mode == "center_crop" and (w, h) != (size, size) and min(w, h) >= size:
+        left, top = (w - size) // 2, (h - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    if cfg.resize_mode == "border" and (w, h) != (size, size) and max(w, h) <= size:
+        canvas = Image.new("RGB", (size, size), (0, 0, 0))
+        canvas.paste(img, ((size - w) // 2, (size - h) // 2))
+        return canvas
+    return img
+
+
+def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
+    """Validate, decode, transpose, resize and re-encode one image. Raises ImageError with a class."""
+    kind = sniff(data)
+    if kind in (None, "html", "text", "svg"):
+        what = {"html": "an HTML page", "text": "text", "svg": "SVG markup"}.get(kind, "not a known image format")
+        raise ImageError("not_image", f"body is {what}, not an image")
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        img = Image.open(io.BytesIO(data))
+        ow, oh = img.size
+        if ow * oh > cfg.max_image_pixels:
+            raise ImageError(
+                "decompression_bomb", f"{ow}x{oh} = {ow * oh} pixels exceeds the {cfg.max_image_pixels} limit"
+            )
+        if min(ow, oh) < cfg.min_image_size:
+            raise ImageError("too_small", f"{ow}x{oh} is smaller than {cfg.min_image_size}px", status="filtered")
+        if cfg.max_aspect_ratio and max(ow, oh) / min(ow, oh) > cfg.max_aspect_ratio:
+            raise ImageError(
+                "bad_aspect", f"{ow}x{oh} has aspect ratio above {cfg.max_aspect_ratio}", status="filtered"
+            )
+        orientation = img.getexif().get(0x0112, 1) if img.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+        if img.format == "JPEG":
+            # Decode at the smallest DCT scale that still covers the output (and the 32px phash thumbnail).
+            tw, th = target_size(ow, oh, cfg)
+            if orientation in _ORIENTATION_SWAPS:
+                tw, th = th, tw
+            img.draft("RGB", (max(tw, 32), max(th, 32)))
+        img.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError("decompression_bomb", str(e)) from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as e:
+        raise ImageError("decode_error", f"cannot decode {kind}: {e}") from None
+    except MemoryError:
+        raise ImageError("decode_error", f"out of memory decoding {kind} {ow}x{oh}") from None
+    if orientation != 1:
+        img = ImageOps.exif_transpose(img)
+    img = _to_rgb(img)
+    # Sizes as the viewer sees them: after EXIF rotation.
+    if orientation in _ORIENTATION_SWAPS:
+        ow, oh = oh, ow
+    scaled = _scale(img, cfg, (ow, oh))
+    hash_value = phash(scaled)  # before crop/pad, so it does not depend on the resize mode
+    out = _crop_or_pad(scaled, cfg)
+    fmt, ext = _ENCODE[cfg.encode_format]
+    buf = io.BytesIO()
+    params = {"quality": cfg.encode_quality} if fmt in ("JPEG", "WEBP") else {}
+    out.save(buf, fmt, **params)
+    return ProcessedImage(
+        data=buf.getvalue(), ext=ext, width=out.width, height=out.height, original_width=ow, original_height=oh,
+        sha256=sha, phash=phash_hex(hash_value), source_format=kind, original_bytes=len(data),
+    )

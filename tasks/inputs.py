@@ -1,0 +1,293 @@
+"""Input readers: URL lists (Parquet, CSV, TSV, JSONL, optionally gzipped) in LAION / CC3M / WIT shapes, and
+local folders of images with optional sidecar .txt captions. Every extra input column is kept.
+
+Each reader returns a pyarrow table with `key, url, alt_text, source, input_warning` first, then the input's
+other columns. Rows that cannot become samples (no URL, unparseable JSON) are counted and described in an
+`InputReport`, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from infra.settings import InputSpec
+from tasks.urls import bytes_key, normalize_url, url_key
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+# Output columns an input column must not shadow; clashing input columns are renamed `input_<name>`.
+RESERVED = {
+    "key", "url", "alt_text", "source", "input_warning", "status", "error", "error_class", "width", "height",
+    "original_width", "original_height", "sha256", "phash", "duplicate_of", "http_status", "bytes", "mime",
+}
+PRESETS: dict[str, tuple[list[str], list[str]]] = {
+    # preset: (URL column candidates, caption column candidates; for WIT the first non-empty caption wins)
+    "laion": (["URL", "url"], ["TEXT", "caption", "text"]),
+    "cc3m": (["url"], ["caption"]),
+    "wit": (["image_url"], ["caption_reference_description", "caption_alt_text_description",
+                            "caption_attribution_description"]),
+    "generic": (["url", "URL", "image_url", "img_url", "link"], ["caption", "TEXT", "text", "alt_text", "alt",
+                                                                "title", "caption_reference_description"]),
+}
+MAX_REPORTED = 20
+
+
+class InputError(ValueError):
+    pass
+
+
+@dataclass
+class InputReport:
+    path: str
+    rows: int = 0
+    rejected: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def reject(self, why: str) -> None:
+        self.rejected += 1
+        if len(self.examples) < MAX_REPORTED:
+            self.examples.append(why)
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "folder"
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    ext = suffixes[-1] if suffixes else ""
+    formats = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+               ".ndjson": "jsonl"}
+    if ext not in formats:
+        raise InputError(f"{path}: cannot tell the format from the name; set format (parquet/csv/tsv/jsonl/folder)")
+    return formats[ext]
+
+
+def _open_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+def _looks_like_url(value: object) -> bool:
+    return isinstance(value, str) and value.strip().lower().startswith(("http://", "https://"))
+
+
+def _read_delimited(path: Path, delimiter: str, quoting: bool) -> pa.Table:
+    data = _open_bytes(path)
+    first_line = data.split(b"\n", 1)[0].decode("utf-8", "replace")
+    header = not any(_looks_like_url(cell) for cell in first_line.split(delimiter))
+    read = pacsv.ReadOptions(autogenerate_column_names=not header, block_size=1 << 24)
+    parse = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoting else False,
+                               newlines_in_values=quoting, invalid_row_handler=None)
+    convert = pacsv.ConvertOptions(check_utf8=False, strings_can_be_null=False)
+    try:
+        table = pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as e:
+        raise InputError(f"{path}: cannot parse as {'CSV' if delimiter == ',' else 'TSV'}: {e}") from None
+    if not header:
+        # Headerless: CC3M is `caption<TAB>url`; in general name the URL-looking column `url`.
+        names, url_idx = [], None
+        for i, col in enumerate(table.columns):
+            if url_idx is None and len(col) and _looks_like_url(col[0].as_py()):
+                url_idx = i
+        for i in range(table.num_columns):
+            names.append("url" if i == url_idx else ("caption" if table.num_columns == 2 else f"col{i}"))
+        table = table.rename_columns(names)
+    return table
+
+
+def _read_jsonl(path: Path, report: InputReport) -> pa.Table:
+    rows = []
+    for n, line in enumerate(_open_bytes(path).split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8", "replace"))
+        except json.JSONDecodeError as e:
+            report.reject(f"line {n}: not JSON ({e.msg})")
+            continue
+        if not isinstance(row, dict):
+            report.reject(f"line {n}: a JSON {type(row).__name__}, not an object")
+            continue
+        rows.append(row)
+    if not rows:
+        return pa.table({})
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # Mixed types across rows: keep the values, as JSON text.
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        return pa.table({k: [None if r.get(k) is None else (r[k] if isinstance(r[k], str) else json.dumps(r[k]))
+                             for r in rows] for k in keys})
+
+
+def _fix_utf8(col: pa.ChunkedArray) -> tuple[pa.ChunkedArray, list[bool]]:
+    """Replace undecodable bytes in a string column read without UTF-8 checks; flag the rows that had them."""
+    try:
+        col.validate(full=True)
+        return col, []
+    except pa.ArrowInvalid:
+        pass
+    fixed, bad = [], []
+    for value in col.cast(pa.binary()).to_pylist():
+        if value is None:
+            fixed.append(None)
+            bad.append(False)
+            continue
+        try:
+            fixed.append(value.decode("utf-8"))
+            bad.append(False)
+        except UnicodeDecodeError:
+            fixed.append(value.decode("utf-8", "replace"))
+            bad.append(True)
+    return pa.chunked_array([pa.array(fixed, pa.string())]), bad
+
+
+def _pick(names: list[str], candidates: list[str], explicit: str | None, what: str, path: Path) -> list[str]:
+    if explicit:
+        if explicit not in names:
+            raise InputError(f"{path}: no {what} column {explicit!r}; columns are {names}")
+        return [explicit]
+    found = [c for c in candidates if c in names]
+    if not found:
+        lower = {n.lower(): n for n in names}
+        found = [lower[c.lower()] for c in candidates if c.lower() in lower]
+    if not found and what == "URL":
+        raise InputError(f"{path}: no URL column among {names}; name it with --url-col")
+    return found
+
+
+def read_url_list(spec: InputSpec) -> tuple[pa.Table, InputReport]:
+    path = Path(spec.path)
+    if not path.exists():
+        raise InputError(f"input {path} does not exist")
+    fmt = detect_format(path) if spec.format == "auto" else spec.format
+    if fmt == "folder":
+        return read_folder(path)
+    report = InputReport(str(path))
+    if fmt == "parquet":
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"{path}: not a readable Parquet file: {e}") from None
+        # pandas writes its index as a column; it is not data.
+        table = table.drop_columns([n for n in table.column_names if n.startswith("__index_level_")])
+    elif fmt == "jsonl":
+        table = _read_jsonl(path, report)
+    else:
+        table = _read_delimited(path, "\t" if fmt == "tsv" else ",", quoting=fmt == "csv")
+    names = table.column_names
+    preset = spec.preset if spec.preset != "auto" else ("wit" if "image_url" in names else "generic")
+    url_cols, caption_cols = PRESETS[preset]
+    url_col = _pick(names, url_cols, spec.url_col, "URL", path)[0]
+    caption_picks = _pick(names, caption_cols, spec.caption_col, "caption", path)
+    caption_picks = caption_picks if preset == "wit" and not spec.caption_col else caption_picks[:1]
+
+    warnings: list[str | None] = [None] * table.num_rows
+    for i, name in enumerate(names):
+        if pa.types.is_string(table.schema.field(name).type) or pa.types.is_large_string(table.schema.field(name).type):
+            col, bad = _fix_utf8(table.column(name))
+            if bad:
+                table = table.set_column(i, name, col)
+                for row, is_bad in enumerate(bad):
+                    if is_bad:
+                        warnings[row] = f"column {name!r} was not valid UTF-8; undecodable bytes replaced"
+
+    urls = table.column(url_col).cast(pa.string()).to_pylist()
+    captions: list[str | None] = [None] * table.num_rows
+    for c in caption_picks:
+        values = table.column(c).cast(pa.string()).to_pylist()
+        captions = [old if old else (v.strip() if isinstance(v, str) and v.strip() else None)
+                    for old, v in zip(captions, values, strict=True)]
+    keep, keys, clean_urls = [], [], []
+    for row, url in enumerate(urls):
+        if not url or not url.strip():
+            report.reject(f"row {row}: empty URL")
+            continue
+        keep.append(row)
+        clean = url.strip()
+        clean_urls.append(clean)
+        keys.append(url_key(normalize_url(clean)))
+    report.rows = len(keep)
+    extras = table.drop_columns([url_col, *caption_picks]).take(pa.array(keep, pa.int64()))
+    base = pa.table({
+        "key": pa.array(keys, pa.string()),
+        "url": pa.array(clean_urls, pa.string()),
+        "alt_text": pa.array([captions[r] for r in keep], pa.string()),
+        "source": pa.array(["url"] * len(keep), pa.string()),
+        "input_warning": pa.array([warnings[r] for r in keep], pa.string()),
+    })
+    return _with_extras(base, extras), report
+
+
+def _with_extras(base: pa.Table, extras: pa.Table) -> pa.Table:
+    for name, col in zip(extras.column_names, extras.columns, strict=True):
+        out_name = f"input_{name}" if name in RESERVED else name
+        if pa.types.is_null(col.type):
+            col = col.cast(pa.string())
+        base = base.append_column(out_name, col)
+    return base
+
+
+def read_folder(root: Path) -> tuple[pa.Table, InputReport]:
+    """Images under `root` (recursive); `<stem>.txt` beside an image is its caption. Keys hash the bytes."""
+    report = InputReport(str(root))
+    rows: dict[str, list] = {k: [] for k in ("key", "url", "alt_text", "source", "input_warning", "path")}
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            key = bytes_key(file.read_bytes())
+        except OSError as e:
+            report.reject(f"{file}: unreadable ({e.strerror})")
+            continue
+        caption, warning = None, None
+        sidecar = file.with_suffix(".txt")
+        if sidecar.is_file():
+            raw = sidecar.read_bytes()
+            try:
+                caption = raw.decode("utf-8").strip() or None
+            except UnicodeDecodeError:
+                caption = raw.decode("utf-8", "replace").strip() or None
+                warning = f"{sidecar.name} was not valid UTF-8; undecodable bytes replaced"
+        for k, v in zip(rows, (key, file.resolve().as_uri(), caption, "file", warning,
+                               str(file.relative_to(root))), strict=True):
+            rows[k].append(v)
+    report.rows = len(rows["key"])
+    return pa.table({k: pa.array(v, pa.string()) for k, v in rows.items()}), report
+
+
+def read_inputs(specs: list[InputSpec]) -> tuple[pa.Table, list[InputReport]]:
+    """All inputs as one table (columns unified; missing ones null)."""
+    tables, reports = [], []
+    for spec in specs:
+        table, report = read_url_list(spec)
+        tables.append(table)
+        reports.append(report)
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return pa.table({k: pa.array([], pa.string()) for k in ("key", "url", "alt_text", "source",
+                                                                "input_warning")}), reports
+    return pa.concat_tables(tables, promote_options="permissive"), reports
+
+
+def first_occurrences(table: pa.Table) -> pa.Table:
+    """Rows whose key (normalised URL) was not seen earlier in the table."""
+    seen: set[str] = set()
+    mask = []
+    for key in table.column("key").to_pylist():
+        mask.append(key not in seen)
+        seen.add(key)
+    return table.filter(pa.array(mask))
+
+
+def drop_keys(table: pa.Table, keys: set[str]) -> pa.Table:
+    if not keys:
+        return table
+    return table.filter(pc.invert(pc.is_in(table.column("key"), pa.array(list(keys), pa.string()))))

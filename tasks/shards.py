@@ -1,0 +1,132 @@
+"""Shard layout and I/O: names, the raw WebDataset tar writer, Parquet schemas and done markers.
+
+Layout of a dataset in the store:
+    <dataset>/raw/_inputs/shard-00042.parquet   the samples planned for the shard (written at planning time)
+    <dataset>/raw/shard-00042.tar               WebDataset: KEY.jpg, KEY.txt, KEY.json per good sample
+    <dataset>/raw/shard-00042.parquet           one row per planned sample, failed ones with their error
+    <dataset>/raw/shard-00042.stats.json        the done marker: written last, carries the config hash
+Later stages write `<dataset>/<stage>/shard-00042.parquet` + `.stats.json` the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from infra.store import ArtifactStore, StoreError
+
+SHARD_RE = re.compile(r"shard-(\d{5,})\.parquet$")
+
+INGEST_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("url", pa.string()),
+    ("alt_text", pa.string()),
+    ("source", pa.string()),
+    ("status", pa.string()),  # ok | error | opted_out | filtered
+    ("error_class", pa.string()),
+    ("error", pa.string()),
+    ("input_warning", pa.string()),
+    ("http_status", pa.int16()),
+    ("bytes", pa.int64()),  # size of the original body
+    ("mime", pa.string()),  # source format from magic bytes
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("original_width", pa.int32()),
+    ("original_height", pa.int32()),
+    ("sha256", pa.string()),
+    ("phash", pa.string()),
+    ("duplicate_of", pa.string()),
+    ("attempts", pa.int16()),
+])
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+def stage_key(dataset: str, stage: str, shard: int, ext: str) -> str:
+    return f"{dataset}/{stage}/{shard_name(shard)}.{ext}"
+
+
+def input_key(dataset: str, shard: int) -> str:
+    return f"{dataset}/raw/_inputs/{shard_name(shard)}.parquet"
+
+
+def planned_shards(store: ArtifactStore, dataset: str) -> list[int]:
+    """Shard ids that have an input manifest, in order."""
+    return sorted(int(m.group(1)) for k in store.list(f"{dataset}/raw/_inputs") if (m := SHARD_RE.search(k)))
+
+
+def read_marker(store: ArtifactStore, dataset: str, stage: str, shard: int) -> dict | None:
+    try:
+        return store.get_json(stage_key(dataset, stage, shard, "stats.json"))
+    except StoreError:
+        return None
+
+
+def is_done(store: ArtifactStore, dataset: str, stage: str, shard: int, config_hash: str) -> bool:
+    marker = read_marker(store, dataset, stage, shard)
+    return marker is not None and marker.get("config_hash") == config_hash
+
+
+def write_marker(store: ArtifactStore, dataset: str, stage: str, shard: int, stats: dict) -> None:
+    store.put_json(stage_key(dataset, stage, shard, "stats.json"), {**stats, "finished_at": time.time()})
+
+
+class TarWriter:
+    """Writes a WebDataset tar to a local temporary file; `finish()` returns its path."""
+
+    def __init__(self, workdir: Path):
+        fd, name = tempfile.mkstemp(dir=workdir, suffix=".tar")
+        os.close(fd)
+        self.path = Path(name)
+        self._tar = tarfile.open(self.path, "w", format=tarfile.GNU_FORMAT)  # noqa: SIM115 - closed in finish()
+        self._mtime = time.time()
+        self.count = 0
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = self._mtime
+        info.mode = 0o644
+        self._tar.addfile(info, _Reader(data))
+
+    def add_sample(self, key: str, ext: str, image: bytes, caption: str | None, meta: dict) -> None:
+        self._add(f"{key}.{ext}", image)
+        self._add(f"{key}.txt", (caption or "").encode("utf-8"))
+        self._add(f"{key}.json", json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8"))
+        self.count += 1
+
+    def add_raw(self, name: str, data: bytes) -> None:
+        self._add(name, data)
+
+    def finish(self) -> Path:
+        self._tar.close()
+        return self.path
+
+
+class _Reader:
+    """A minimal file object over bytes for tarfile.addfile (cheaper than BytesIO per member)."""
+
+    __slots__ = ("_data", "_pos")
+
+    def __init__(self, data: bytes):
+        self._data, self._pos = memoryview(data), 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else self._pos + n
+        chunk = self._data[self._pos:end]
+        self._pos += len(chunk)
+        return bytes(chunk)
+
+
+def read_tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
