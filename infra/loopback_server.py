@@ -10,7 +10,7 @@ In-process use (tests)::
 The server runs its own asyncio loop in a daemon thread, so synchronous tests and other event loops can use it.
 As a separate process (benchmarks, so the server's CPU is not the crawler's)::
 
-    python -m infra.loopback_server --images DIR [--port P] [--repeat N]
+    python -m infra.loopback_server --images DIR [--port P] [--delay S]
 
 prints the base URL as stdout line 1 and serves until SIGINT/SIGTERM.
 
@@ -109,6 +109,7 @@ class ImageServer:
         host: str = "127.0.0.1",
         port: int = 0,
         robots_txt: str | None = None,
+        delay: float = 0.0,
     ) -> None:
         if isinstance(images, str | Path):
             raise TypeError("images must be a sequence of paths or a mapping name -> bytes, not a single path")
@@ -126,6 +127,7 @@ class ImageServer:
         self._host = host
         self._port = port
         self._robots_txt = robots_txt
+        self.delay = delay  # seconds each /img and /private response waits (slow crawls for resume tests)
         self.base_url = ""
         self.hits: collections.Counter[str] = collections.Counter()
         self._flaky_counts: collections.Counter[str] = collections.Counter()
@@ -235,6 +237,8 @@ class ImageServer:
     async def _image(self, request: web.Request) -> web.Response:
         # Hot path: one int parse and two list lookups; Content-Length comes from the bytes body.
         i = int(request.match_info["i"]) % len(self._bodies)
+        if self.delay:
+            await asyncio.sleep(self.delay)
         return web.Response(body=self._bodies[i], headers=self._headers[i])
 
     async def _robots(self, request: web.Request) -> web.Response:
@@ -393,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve a directory of images on loopback (with fault endpoints).")
     parser.add_argument("--images", type=Path, required=True, help="directory of .jpg/.jpeg/.png/.gif/.webp files")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one)")
-    parser.add_argument("--repeat", type=int, default=1, help="repeat the image list N times (more image indices)")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds each image response waits")
     parser.add_argument("--robots-txt", type=Path, default=None, help="file served at /robots.txt (default: 404)")
     args = parser.parse_args(argv)
 
@@ -404,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Block the stop signals before the server thread exists (threads inherit the mask), then wait for one.
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    server = ImageServer(files * max(1, args.repeat), port=args.port, robots_txt=robots).start()
+    server = ImageServer(files, port=args.port, robots_txt=robots, delay=args.delay).start()
     print(server.base_url, flush=True)
     try:
         signal.sigwait(stop_signals)

@@ -160,6 +160,8 @@ def load_spec(path: str | Path) -> DatasetSpec:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise SpecError(f"cannot read dataset spec {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"dataset spec {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
     except yaml.YAMLError as e:
         raise SpecError(f"dataset spec {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):

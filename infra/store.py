@@ -190,7 +190,14 @@ class S3Store(ArtifactStore):
         self.client.fput_object(self.bucket, self._name(key), str(path))
 
     def get_file(self, key: str, path: Path) -> None:
-        self.client.fget_object(self.bucket, self._name(key), str(path))
+        from minio.error import S3Error
+
+        try:
+            self.client.fget_object(self.bucket, self._name(key), str(path))
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                raise StoreError(f"no object {key!r} in {self.uri}") from None
+            raise
 
     def exists(self, key: str) -> bool:
         from minio.error import S3Error
@@ -204,7 +211,9 @@ class S3Store(ArtifactStore):
             raise
 
     def list(self, prefix: str) -> list[str]:
-        full = self._name(prefix.rstrip("/") + "/")
+        folder = prefix.strip("/")
+        # The whole store is `<prefix>/` (or the whole bucket), never `<prefix>//`.
+        full = self._name(folder + "/") if folder else (f"{self.prefix}/" if self.prefix else "")
         cut = len(self.prefix) + 1 if self.prefix else 0
         return sorted(
             o.object_name[cut:]

@@ -183,6 +183,8 @@ class Downloader:
                 raise FetchError("client", f"{type(e).__name__}: {e}") from None
             except UnicodeError as e:
                 raise FetchError("bad_url", f"invalid host name: {e}") from None
+            except ValueError as e:  # e.g. urljoin() on a malformed Location header ("http://[::1/x")
+                raise FetchError("bad_url", f"invalid URL: {e}") from None
         raise FetchError("too_many_redirects", f"more than {self.cfg.max_redirects} redirects")
 
     async def _read(self, resp: aiohttp.ClientResponse, url: str, max_bytes: int, image: bool) -> bytes:
@@ -202,13 +204,16 @@ class Downloader:
         ctype = resp.content_type or ""
         if image and ctype and not (ctype.startswith("image/") or ctype in IMAGE_LIKE_TYPES):
             raise FetchError("not_image", f"content-type {ctype!r} is not an image", http_status=resp.status)
-        if resp.content_length is not None and resp.content_length > max_bytes:
+        if image and resp.content_length is not None and resp.content_length > max_bytes:
             raise FetchError("too_large", f"Content-Length {resp.content_length} exceeds the {max_bytes}-byte cap",
                              http_status=resp.status)
         chunks, size = [], 0
         async for chunk in resp.content.iter_chunked(1 << 16):
             size += len(chunk)
             if size > max_bytes:
+                if not image:  # robots.txt: parse the first max_bytes (RFC 9309 2.5), never drop the whole file
+                    chunks.append(chunk[: len(chunk) - (size - max_bytes)])
+                    break
                 raise FetchError("too_large", f"body exceeds the {max_bytes}-byte cap", http_status=resp.status)
             chunks.append(chunk)
         return b"".join(chunks)

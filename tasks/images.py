@@ -107,6 +107,9 @@ def phash_hex(value: int) -> str:
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # 16-bit greyscale (PNG/TIFF): scale to 8 bits; convert("RGB") would clip every value above 255 to white.
+        img = img.convert("I").point(lambda v: v / 257).convert("L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -131,7 +134,7 @@ def _crop_or_pad(img: Image.Image, cfg: ImageConfig) -> Image.Image:
         left, top = (w - size) // 2, (h - size) // 2
         return img.crop((left, top, left + size, top + size))
     if cfg.resize_mode == "border" and (w, h) != (size, size) and max(w, h) <= size:
-        canvas = Image.new("RGB", (size, size), (0, 0, 0))
+        canvas = Image.new("RGB", (size, size), (255, 255, 255))  # white, as img2dataset pads
         canvas.paste(img, ((size - w) // 2, (size - h) // 2))
         return canvas
     return img

@@ -73,20 +73,29 @@ def detect_format(path: Path) -> str:
 
 def _open_bytes(path: Path) -> bytes:
     data = path.read_bytes()
-    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    try:
+        return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    except (OSError, EOFError) as e:  # BadGzipFile, truncated stream
+        raise InputError(f"{path}: not a readable gzip file: {e}") from None
 
 
 def _looks_like_url(value: object) -> bool:
     return isinstance(value, str) and value.strip().lower().startswith(("http://", "https://"))
 
 
-def _read_delimited(path: Path, delimiter: str, quoting: bool) -> pa.Table:
+def _read_delimited(path: Path, delimiter: str, quoting: bool, report: InputReport) -> pa.Table:
     data = _open_bytes(path)
     first_line = data.split(b"\n", 1)[0].decode("utf-8", "replace")
     header = not any(_looks_like_url(cell) for cell in first_line.split(delimiter))
     read = pacsv.ReadOptions(autogenerate_column_names=not header, block_size=1 << 24)
+
+    def bad_row(row) -> str:  # a row with the wrong number of fields is rejected and reported, not fatal
+        where = f"line {row.number}" if row.number is not None else "a row"
+        report.reject(f"{where}: {row.actual_columns} fields, expected {row.expected_columns}: {row.text[:80]!r}")
+        return "skip"
+
     parse = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoting else False,
-                               newlines_in_values=quoting, invalid_row_handler=None)
+                               newlines_in_values=quoting, invalid_row_handler=bad_row)
     convert = pacsv.ConvertOptions(check_utf8=False, strings_can_be_null=False)
     try:
         table = pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse, convert_options=convert)
@@ -120,11 +129,12 @@ def _read_jsonl(path: Path, report: InputReport) -> pa.Table:
         rows.append(row)
     if not rows:
         return pa.table({})
+    # Columns are the union of every row's keys (Table.from_pylist would take only the first row's).
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     try:
-        return pa.Table.from_pylist(rows)
+        return pa.table({k: [r.get(k) for r in rows] for k in keys})
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         # Mixed types across rows: keep the values, as JSON text.
-        keys = list(dict.fromkeys(k for r in rows for k in r))
         return pa.table({k: [None if r.get(k) is None else (r[k] if isinstance(r[k], str) else json.dumps(r[k]))
                              for r in rows] for k in keys})
 
@@ -175,7 +185,9 @@ def read_url_list(spec: InputSpec) -> tuple[pa.Table, InputReport]:
     report = InputReport(str(path))
     if fmt == "parquet":
         try:
-            table = pq.read_table(path)
+            with open(path, "rb") as f:
+                gzipped = f.read(2) == b"\x1f\x8b"  # `.parquet.gz` is accepted by detect_format
+            table = pq.read_table(pa.BufferReader(_open_bytes(path)) if gzipped else path)
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{path}: not a readable Parquet file: {e}") from None
         # pandas writes its index as a column; it is not data.
@@ -183,7 +195,7 @@ def read_url_list(spec: InputSpec) -> tuple[pa.Table, InputReport]:
     elif fmt == "jsonl":
         table = _read_jsonl(path, report)
     else:
-        table = _read_delimited(path, "\t" if fmt == "tsv" else ",", quoting=fmt == "csv")
+        table = _read_delimited(path, "\t" if fmt == "tsv" else ",", quoting=fmt == "csv", report=report)
     names = table.column_names
     preset = spec.preset if spec.preset != "auto" else ("wit" if "image_url" in names else "generic")
     url_cols, caption_cols = PRESETS[preset]
@@ -284,7 +296,7 @@ def first_occurrences(table: pa.Table) -> pa.Table:
     for key in table.column("key").to_pylist():
         mask.append(key not in seen)
         seen.add(key)
-    return table.filter(pa.array(mask))
+    return table.filter(pa.array(mask, pa.bool_()))
 
 
 def drop_keys(table: pa.Table, keys: set[str]) -> pa.Table:

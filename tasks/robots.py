@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Iterable
-from urllib.parse import urlsplit
-from urllib.robotparser import RobotFileParser
+from dataclasses import dataclass, field
+from functools import lru_cache
+from urllib.parse import quote, unquote, urlsplit
 
 from tasks.ssrf import BlockedURL
 
@@ -31,6 +33,61 @@ def x_robots_refusal(values: Iterable[str], ua_token: str, directives: Iterable[
     return None
 
 
+def _normalise(path: str) -> str:
+    """One percent-encoding form for rule paths and URL paths alike (UTF-8, upper-case hex)."""
+    return quote(unquote(path), safe="/?&=:;@!$'()*+,~")
+
+
+@lru_cache(maxsize=4096)
+def _rule_regex(pattern: str) -> re.Pattern[str]:
+    """A rule path as a regex: '*' matches any sequence, a final '$' anchors the end (RFC 9309 2.2.3)."""
+    anchored = pattern.endswith("$")
+    parts = (pattern[:-1] if anchored else pattern).split("*")
+    return re.compile(".*".join(re.escape(_normalise(p)) for p in parts) + ("$" if anchored else ""))
+
+
+@dataclass
+class RobotsRules:
+    """A parsed robots.txt (RFC 9309). The stdlib's RobotFileParser is not used: it matches literal prefixes in
+    file order, so `Disallow: /*.jpg$` never matched, and it drops a trailing '?' (`Disallow: /*?`)."""
+
+    groups: list[tuple[set[str], list[tuple[str, bool]]]] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, text: str) -> RobotsRules:
+        rules = cls()
+        agents: set[str] | None = None  # the group being read; a user-agent line after rules starts a new one
+        lines: list[tuple[str, bool]] = []
+        for raw in text.removeprefix("\ufeff").splitlines():
+            key, sep, value = raw.split("#", 1)[0].partition(":")
+            key, value = key.strip().lower(), value.strip()
+            if not sep:
+                continue
+            if key == "user-agent":
+                if agents is None or lines:
+                    agents, lines = set(), []
+                    rules.groups.append((agents, lines))
+                agents.add(value.split("/")[0].strip().lower())
+            elif key in ("allow", "disallow") and agents is not None and value:
+                lines.append((value, key == "allow"))
+        return rules
+
+    def allows(self, ua_token: str, url: str) -> bool:
+        """Our product token's groups (all of them, merged), else the '*' groups; the longest matching rule
+        wins and allow wins a tie (RFC 9309 2.2.1-2.2.2). No matching rule: allowed."""
+        token = ua_token.lower()
+        rules = [r for agents, lines in self.groups if token in agents for r in lines]
+        if not any(token in agents for agents, _ in self.groups):
+            rules = [r for agents, lines in self.groups if "*" in agents for r in lines]
+        parts = urlsplit(url)
+        path = _normalise((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+        best: tuple[int, bool] | None = None
+        for pattern, allow in rules:
+            if _rule_regex(pattern).match(path):
+                best = max(best or (-1, False), (len(pattern), allow))
+        return True if best is None else best[1]
+
+
 # 4xx: robots.txt unavailable, everything may be fetched (RFC 9309 2.3.1.3).
 ALLOW_ALL = "allow_all"
 
@@ -47,7 +104,7 @@ class RobotsCache:
         self._fetch_text = fetch_text
         self._rules: dict[str, asyncio.Future] = {}
 
-    async def _load(self, origin: str) -> RobotFileParser | str:
+    async def _load(self, origin: str) -> RobotsRules | str:
         """Parsed rules, ALLOW_ALL, or the reason the host counts as disallowing everything."""
         try:
             status, text = await self._fetch_text(f"{origin}/robots.txt")
@@ -57,9 +114,7 @@ class RobotsCache:
             # 5xx / network error: unreachable, assume complete disallow (RFC 9309 2.3.1.4).
             return f"robots.txt unreachable ({type(e).__name__}: {e}); treated as disallow-all"
         if 200 <= status < 300:
-            parser = RobotFileParser()
-            parser.parse(text.splitlines())
-            return parser
+            return RobotsRules.parse(text)
         if 400 <= status < 500:
             return ALLOW_ALL
         return f"robots.txt answered HTTP {status}; treated as disallow-all"
@@ -77,6 +132,6 @@ class RobotsCache:
             return None
         if isinstance(rules, str):
             return rules
-        if rules.can_fetch(self.ua_token, url):
+        if rules.allows(self.ua_token, url):
             return None
         return f"robots.txt of {origin} disallows this path for {self.ua_token!r}"

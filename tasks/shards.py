@@ -85,9 +85,10 @@ class TarWriter:
 
     def __init__(self, workdir: Path):
         fd, name = tempfile.mkstemp(dir=workdir, suffix=".tar")
-        os.close(fd)
         self.path = Path(name)
-        self._tar = tarfile.open(self.path, "w", format=tarfile.GNU_FORMAT)  # noqa: SIM115 - closed in finish()
+        # tarfile writes each header, body and padding separately: buffer them into few large writes.
+        self._file = os.fdopen(fd, "wb", buffering=1 << 20)
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)  # noqa: SIM115 - finish()
         self._mtime = time.time()
         self.count = 0
 
@@ -109,6 +110,7 @@ class TarWriter:
 
     def finish(self) -> Path:
         self._tar.close()
+        self._file.close()
         return self.path
 
 

@@ -21,7 +21,7 @@ def _normalise_escapes(part: str, safe: str) -> str:
         ch = unquote(m.group(0))
         return ch if re.fullmatch(r"[A-Za-z0-9._~-]", ch) else m.group(0).upper()
 
-    return quote(_PCT.sub(fix, part), safe=safe)
+    return quote(_PCT.sub(fix, part), safe=safe, errors="surrogatepass")
 
 
 def normalize_url(url: str) -> str:
@@ -46,13 +46,12 @@ def normalize_url(url: str) -> str:
     netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
     if parts.username or parts.password:
         netloc = f"{parts.username or ''}{':' + parts.password if parts.password else ''}@{netloc}"
-    path = parts.path or "/"
+    # Escapes first (so %2E%2E is a dot segment too), then dot segments; `/a/b/..` names the folder `/a/`.
+    path = _normalise_escapes(parts.path or "/", _SAFE_PATH)
     normed = posixpath.normpath(path)
-    path = normed + ("/" if path.endswith("/") and normed != "/" else "")
+    path = normed + ("/" if path.endswith(("/", "/.", "/..")) and normed != "/" else "")
     path = "/" + path.lstrip("/")
-    return urlunsplit(
-        (scheme, netloc, _normalise_escapes(path, _SAFE_PATH), _normalise_escapes(parts.query, _SAFE_QUERY), "")
-    )
+    return urlunsplit((scheme, netloc, path, _normalise_escapes(parts.query, _SAFE_QUERY), ""))
 
 
 def url_key(normalized_url: str) -> str:

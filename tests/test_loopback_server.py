@@ -217,7 +217,7 @@ def test_stop_is_prompt_with_slow_body_in_flight(photo_paths: list[Path]) -> Non
 
 def test_cli_prints_base_url(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "infra.loopback_server", "--images", str(PHOTOS), "--repeat", "2"],
+        [sys.executable, "-m", "infra.loopback_server", "--images", str(PHOTOS), "--delay", "0.01"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
