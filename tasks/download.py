@@ -17,7 +17,7 @@ from urllib.parse import urljoin
 import aiohttp
 
 from infra.settings import DownloadConfig
-from tasks.robots import ROBOTS_MAX_BYTES, RobotsCache, x_robots_refusal
+from tasks.robots import ROBOTS_MAX_BYTES, RobotsCache, RobotsUnavailable, x_robots_refusal
 from tasks.ssrf import AddressPolicy, BlockedURL, GuardedResolver
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -140,7 +140,10 @@ class Downloader:
             try:
                 self.policy.check_url(current)
                 if image and self.cfg.respect_robots_txt:
-                    reason = await self.robots.refusal(current)
+                    try:
+                        reason = await self.robots.refusal(current)
+                    except RobotsUnavailable as e:
+                        raise FetchError("robots_unavailable", str(e)) from None
                     if reason:
                         raise FetchError("robots_txt", reason, status="opted_out")
                 async with self.session.get(current, allow_redirects=False) as resp:

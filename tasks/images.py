@@ -17,7 +17,8 @@ from PIL import Image, ImageOps
 
 from infra.settings import ImageConfig
 
-Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit from the header, before decoding
+# We enforce cfg.max_image_pixels from the header, before decoding. Pillow's own process-wide limit stays on (a
+# backstop for every other Pillow user in the worker): images above 2 x Image.MAX_IMAGE_PIXELS are refused by open().
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 _SIGNATURES = (
@@ -163,9 +164,8 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
         orientation = img.getexif().get(0x0112, 1) if img.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
         if img.format == "JPEG":
             # Decode at the smallest DCT scale that still covers the output (and the 32px phash thumbnail).
+            # ow, oh are still the stored (pre-rotation) sizes, the orientation draft() works in: no swap here.
             tw, th = target_size(ow, oh, cfg)
-            if orientation in _ORIENTATION_SWAPS:
-                tw, th = th, tw
             img.draft("RGB", (max(tw, 32), max(th, 32)))
         img.load()
     except ImageError:

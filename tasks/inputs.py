@@ -87,7 +87,8 @@ def _read_delimited(path: Path, delimiter: str, quoting: bool, report: InputRepo
     data = _open_bytes(path)
     first_line = data.split(b"\n", 1)[0].decode("utf-8", "replace")
     header = not any(_looks_like_url(cell) for cell in first_line.split(delimiter))
-    read = pacsv.ReadOptions(autogenerate_column_names=not header, block_size=1 << 24)
+    # Single-threaded: the Python row handler below must not be called from Arrow's thread pool.
+    read = pacsv.ReadOptions(autogenerate_column_names=not header, block_size=1 << 24, use_threads=False)
 
     def bad_row(row) -> str:  # a row with the wrong number of fields is rejected and reported, not fatal
         where = f"line {row.number}" if row.number is not None else "a row"
@@ -113,30 +114,52 @@ def _read_delimited(path: Path, delimiter: str, quoting: bool, report: InputRepo
     return table
 
 
-def _read_jsonl(path: Path, report: InputReport) -> pa.Table:
-    rows = []
+def _no_surrogates(value):
+    """`value` with lone UTF-16 surrogates (from JSON escapes like \\ud800, not storable as UTF-8) replaced."""
+    if isinstance(value, str):
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    if isinstance(value, dict):
+        return {_no_surrogates(k): _no_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_surrogates(v) for v in value]
+    return value
+
+
+def _read_jsonl(path: Path, report: InputReport) -> tuple[pa.Table, dict[int, str]]:
+    """The rows, and a warning per row index whose text had to be repaired."""
+    rows, notes = [], {}
     for n, line in enumerate(_open_bytes(path).split(b"\n"), start=1):
         if not line.strip():
             continue
+        note = None
         try:
-            row = json.loads(line.decode("utf-8", "replace"))
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            text = line.decode("utf-8", "replace")
+            note = f"line {n} was not valid UTF-8; undecodable bytes replaced"
+        try:
+            row = json.loads(text)
         except json.JSONDecodeError as e:
             report.reject(f"line {n}: not JSON ({e.msg})")
             continue
         if not isinstance(row, dict):
             report.reject(f"line {n}: a JSON {type(row).__name__}, not an object")
             continue
+        if "\\u" in text and (fixed := _no_surrogates(row)) != row:
+            row, note = fixed, f"line {n} had lone UTF-16 surrogate escapes; replaced"
+        if note:
+            notes[len(rows)] = note
         rows.append(row)
     if not rows:
-        return pa.table({})
+        return pa.table({}), notes
     # Columns are the union of every row's keys (Table.from_pylist would take only the first row's).
     keys = list(dict.fromkeys(k for r in rows for k in r))
     try:
-        return pa.table({k: [r.get(k) for r in rows] for k in keys})
+        return pa.table({k: [r.get(k) for r in rows] for k in keys}), notes
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         # Mixed types across rows: keep the values, as JSON text.
         return pa.table({k: [None if r.get(k) is None else (r[k] if isinstance(r[k], str) else json.dumps(r[k]))
-                             for r in rows] for k in keys})
+                             for r in rows] for k in keys}), notes
 
 
 def _fix_utf8(col: pa.ChunkedArray) -> tuple[pa.ChunkedArray, list[bool]]:
@@ -183,6 +206,7 @@ def read_url_list(spec: InputSpec) -> tuple[pa.Table, InputReport]:
     if fmt == "folder":
         return read_folder(path)
     report = InputReport(str(path))
+    notes: dict[int, str] = {}  # row index -> warning, from readers that repair rows themselves
     if fmt == "parquet":
         try:
             with open(path, "rb") as f:
@@ -193,7 +217,7 @@ def read_url_list(spec: InputSpec) -> tuple[pa.Table, InputReport]:
         # pandas writes its index as a column; it is not data.
         table = table.drop_columns([n for n in table.column_names if n.startswith("__index_level_")])
     elif fmt == "jsonl":
-        table = _read_jsonl(path, report)
+        table, notes = _read_jsonl(path, report)
     else:
         table = _read_delimited(path, "\t" if fmt == "tsv" else ",", quoting=fmt == "csv", report=report)
     names = table.column_names
@@ -204,6 +228,8 @@ def read_url_list(spec: InputSpec) -> tuple[pa.Table, InputReport]:
     caption_picks = caption_picks if preset == "wit" and not spec.caption_col else caption_picks[:1]
 
     warnings: list[str | None] = [None] * table.num_rows
+    for row, note in notes.items():
+        warnings[row] = note
     for i, name in enumerate(names):
         if pa.types.is_string(table.schema.field(name).type) or pa.types.is_large_string(table.schema.field(name).type):
             col, bad = _fix_utf8(table.column(name))

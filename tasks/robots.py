@@ -96,6 +96,11 @@ ALLOW_ALL = "allow_all"
 TextFetcher = Callable[[str], Awaitable[tuple[int, str]]]
 
 
+class RobotsUnavailable(Exception):
+    """robots.txt could not be read (5xx or a network error). RFC 9309 says to assume complete disallow; the
+    sample is recorded as an error rather than an opt-out, so `--retry-failed` tries it again later."""
+
+
 class RobotsCache:
     """One robots.txt fetch per host per process, shared by all concurrent requests to that host."""
 
@@ -120,7 +125,8 @@ class RobotsCache:
         return f"robots.txt answered HTTP {status}; treated as disallow-all"
 
     async def refusal(self, url: str) -> str | None:
-        """None if robots.txt lets us fetch `url`, else why not. Raises BlockedURL for a refused host."""
+        """None if robots.txt lets us fetch `url`, else why not. Raises RobotsUnavailable when robots.txt could
+        not be read, and BlockedURL for a host the SSRF guard refuses."""
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
         future = self._rules.get(origin)
@@ -131,7 +137,7 @@ class RobotsCache:
         if rules == ALLOW_ALL:
             return None
         if isinstance(rules, str):
-            return rules
+            raise RobotsUnavailable(rules)
         if rules.allows(self.ua_token, url):
             return None
         return f"robots.txt of {origin} disallows this path for {self.ua_token!r}"

@@ -8,6 +8,7 @@ redirect hop, because the downloader follows redirects itself.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -18,6 +19,9 @@ from aiohttp.resolver import ThreadedResolver
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ALLOWED_SCHEMES = ("http", "https")
+# A host whose last label is a number is an IPv4 address to socket libraries and browsers (WHATWG "ends in a
+# number"): 2130706433, 127.1, 0x7f.1, 0177.0.0.1, 127.000.000.001.
+_NUMERIC_LAST_LABEL = re.compile(r"(?:^|\.)(?:[0-9]+|0x[0-9a-f]*)\.?$", re.IGNORECASE)
 
 
 class BlockedURL(OSError):
@@ -28,6 +32,10 @@ def address_kind(ip: IPAddress) -> str | None:
     """Why an address is not public ('loopback', 'private', ...), or None for a global address."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None:
+        inner = address_kind(ip.sixtofour)  # 2002:a00:1:: carries 10.0.0.1
+        if inner is not None:
+            return f"6to4 for a {inner} address"
     for kind, flag in (
         ("unspecified", ip.is_unspecified),
         ("loopback", ip.is_loopback),
@@ -71,6 +79,10 @@ class AddressPolicy:
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
+            # Not canonical, but the HTTP client may still hand it to the socket as an address and skip the
+            # resolver (and so this guard): aiohttp 3.12 does for "2130706433" or "127.1".
+            if ":" in host or _NUMERIC_LAST_LABEL.search(host):
+                raise BlockedURL(f"host {host!r} is not a canonical IP address; refused") from None
             return
         reason = self.refusal(ip)
         if reason:

@@ -1,24 +1,29 @@
-"""Shared fixtures: the shared photo set (read in place, never copied) and a loopback image server."""
+"""Shared fixtures: the shared data (read in place from ../shared, never copied) and a loopback image server."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+# Test runs keep their Prefect database away from the user's ~/.prefect (set before Prefect is imported).
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="capfactory-test-prefect-"))
+
 from infra.loopback_server import ImageServer
 
-PHOTOS_DIR = Path("/work/shared/data/photos/images")
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PHOTOS_DIR = SHARED / "data" / "photos" / "images"
 ROBOTS_TXT = "User-agent: *\nDisallow: /private/\n"
 
 
 @pytest.fixture(scope="session")
 def photos() -> list[Path]:
-    """The shared real photos (*.jpg), sorted; skips the test when they are not present."""
+    """The shared real photos (*.jpg), sorted."""
     paths = sorted(PHOTOS_DIR.glob("*.jpg"))
-    if len(paths) < 3:
-        pytest.skip(f"shared photos not present in {PHOTOS_DIR}")
+    assert len(paths) >= 3, f"the shared photos are missing from {PHOTOS_DIR} (the tests read ../shared/data)"
     return paths
 
 

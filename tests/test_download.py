@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 from aiohttp import web
@@ -173,6 +174,19 @@ def test_huge_chunked_body_is_cut_at_the_cap(image_server: ImageServer) -> None:
     assert elapsed < 2, f"cutting a chunked body at 1 MB took {elapsed:.1f}s"
 
 
+def test_gzip_bomb_is_capped_on_decoded_bytes() -> None:
+    # ~30 KB on the wire with an honest Content-Length, 30 MB once aiohttp decodes it: the cap counts decoded bytes.
+    body = gzip.compress(b"\xff\xd8\xff" + bytes(30_000_000), compresslevel=9)
+    assert len(body) < 100_000
+
+    async def bomb(request: web.Request) -> web.Response:
+        return web.Response(body=body, headers={"Content-Type": "image/jpeg", "Content-Encoding": "gzip"})
+
+    [r] = _serve_and_fetch({"/bomb.jpg": bomb}, ["/bomb.jpg"], max_bytes=1_000_000, respect_robots_txt=False)
+    assert (r.status, r.error_class) == ("error", "too_large"), r
+    assert "body exceeds" in (r.error or "")
+
+
 def test_size_cap_boundary(image_server: ImageServer, photos: list[Path]) -> None:
     size = photos[0].stat().st_size
     url = image_server.image_urls(1)[0]
@@ -302,15 +316,16 @@ def test_respect_robots_txt_false_ignores_it(image_server: ImageServer, photos: 
 
 @pytest.mark.parametrize(
     ("robots_status", "expected"),
-    [(500, "opted_out"), (503, "opted_out"), (404, "ok"), (403, "ok"), (401, "ok"), (410, "ok")],
+    [(500, "error"), (503, "error"), (404, "ok"), (403, "ok"), (401, "ok"), (410, "ok")],
 )
 def test_robots_txt_http_errors(photos: list[Path], robots_status: int, expected: str) -> None:
-    # RFC 9309 2.3.1: 4xx means no rules (allow all), 5xx means unreachable (disallow all).
+    # RFC 9309 2.3.1: 4xx means no rules (allow all), 5xx means unreachable (disallow all). Unreachable is
+    # recorded as a (retryable) error, not as the site's opt-out.
     routes = {"/robots.txt": _status_handler(robots_status), "/a.jpg": _image_handler(photos[0].read_bytes())}
     [r] = _serve_and_fetch(routes, ["/a.jpg"])
     assert r.status == expected, r
-    if expected == "opted_out":
-        assert r.error_class == "robots_txt" and f"HTTP {robots_status}" in (r.error or "")
+    if expected == "error":
+        assert r.error_class == "robots_unavailable" and f"HTTP {robots_status}" in (r.error or "")
 
 
 def test_robots_txt_404_from_image_server_allows(photos: list[Path]) -> None:
@@ -327,7 +342,7 @@ def test_robots_txt_unreachable_disallows_all(photos: list[Path]) -> None:
 
     routes = {"/robots.txt": slow_robots, "/a.jpg": _image_handler(photos[0].read_bytes())}
     [r] = _serve_and_fetch(routes, ["/a.jpg"], read_timeout=0.3)
-    assert (r.status, r.error_class) == ("opted_out", "robots_txt"), r
+    assert (r.status, r.error_class) == ("error", "robots_unavailable"), r
     assert "unreachable" in (r.error or "")
 
 
@@ -389,8 +404,9 @@ def _max_in_flight(per_host: int, n: int, body: bytes) -> int:
             state["now"] -= 1
         return web.Response(body=body, content_type="image/jpeg")
 
-    results = _serve_and_fetch({"/t/{i}": tracked}, [f"/t/{i}" for i in range(n)], per_host=per_host,
-                               respect_robots_txt=False)
+    results = _serve_and_fetch(
+        {"/t/{i}": tracked}, [f"/t/{i}" for i in range(n)], per_host=per_host, respect_robots_txt=False
+    )
     assert all(r.status == "ok" for r in results)
     return state["max"]
 

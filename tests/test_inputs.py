@@ -24,7 +24,7 @@ from tasks.inputs import (
 )
 from tasks.urls import bytes_key, normalize_url, url_key
 
-LAION = Path("/work/shared/data/web/img2dataset_test_1000.parquet")
+LAION = Path(__file__).resolve().parents[2] / "shared" / "data" / "web" / "img2dataset_test_1000.parquet"
 BASE_COLUMNS = ["key", "url", "alt_text", "source", "input_warning"]
 
 
@@ -39,7 +39,6 @@ def expected_key(url: str) -> str:
 # --- LAION parquet (shared data, read in place) ---------------------------------------------------------------
 
 
-@pytest.mark.skipif(not LAION.is_file(), reason="shared LAION sample not present")
 def test_laion_parquet_default_mapping() -> None:
     raw = pq.read_table(LAION)
     table, report = read(LAION)
@@ -256,11 +255,19 @@ def test_jsonl_mixed_types_kept_as_text(tmp_path: Path) -> None:
 def test_jsonl_invalid_utf8_and_surrogates(tmp_path: Path) -> None:
     f = tmp_path / "odd.jsonl"
     f.write_bytes(b'{"url": "http://j.com/caf\xe9.jpg", "caption": "ok"}\n'
-                  b'{"url": "http://j.com/\\ud800.jpg", "caption": "lone surrogate"}\n')
+                  b'{"url": "http://j.com/\\ud800.jpg", "caption": "lone \\udfff surrogates"}\n'
+                  b'{"url": "http://j.com/\\ud83d\\ude00.jpg", "caption": "a pair is fine \\ud83d\\ude00"}\n')
     table, report = read(f)
-    assert report.rows == 2
-    assert table.column("url").to_pylist()[0] == "http://j.com/caf\ufffd.jpg"
-    assert len(set(table.column("key").to_pylist())) == 2
+    assert report.rows == 3 and report.rejected == 0
+    assert table.column("url").to_pylist() == ["http://j.com/caf\ufffd.jpg", "http://j.com/\ufffd.jpg",
+                                               "http://j.com/\U0001f600.jpg"]
+    assert table.column("alt_text").to_pylist() == ["ok", "lone \ufffd surrogates", "a pair is fine \U0001f600"]
+    warnings = table.column("input_warning").to_pylist()
+    assert "line 1" in warnings[0] and "UTF-8" in warnings[0]
+    assert "line 2" in warnings[1] and "surrogate" in warnings[1]
+    assert warnings[2] is None
+    assert len(set(table.column("key").to_pylist())) == 3
+    table.validate(full=True)
 
 
 # --- gzip ---------------------------------------------------------------------------------------------------
@@ -289,7 +296,7 @@ def test_gzipped_variants(tmp_path: Path) -> None:
 def test_broken_gzip_is_input_error(tmp_path: Path) -> None:
     f = tmp_path / "a.csv.gz"
     f.write_bytes(gzip.compress(b"url,caption\n" + b"http://g.com/x.jpg,c\n" * 100)[:40])
-    with pytest.raises(InputError, match="a.csv.gz"):
+    with pytest.raises(InputError, match=r"a\.csv\.gz"):
         read(f)
 
 

@@ -195,8 +195,18 @@ def test_load_spec_field_error_names_file_and_field(tmp_path: Path) -> None:
 def test_load_spec_not_utf8(tmp_path: Path) -> None:
     f = tmp_path / "s.yaml"
     f.write_bytes(b"name: caf\xe9\n")
-    with pytest.raises(SpecError, match="s.yaml is not UTF-8"):
+    with pytest.raises(SpecError, match=r"s\.yaml is not UTF-8"):
         load_spec(f)
+
+
+def test_shipped_example_specs_load() -> None:
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.y*ml"))
+    if not examples:
+        pytest.skip("no example specs shipped")
+    for example in examples:
+        spec = load_spec(example)
+        assert spec.name
+        assert all(Path(i.path).is_absolute() or "://" in i.path for i in spec.inputs)
 
 
 # --- config hash --------------------------------------------------------------------------------------------

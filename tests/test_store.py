@@ -14,13 +14,15 @@ import pytest
 from infra.settings import Settings
 from infra.store import ArtifactStore, LocalStore, S3Store, StoreError, open_store
 
-PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy", "NO_PROXY",
+              "no_proxy")
 
 
 @pytest.fixture(scope="session")
 def s3_settings() -> Iterator[Settings]:
     """A moto S3 server on 127.0.0.1 (a free port), and Settings pointing at it."""
     server_mod = pytest.importorskip("moto.server")
+    # Nothing may reach past loopback: no proxy variables while the server runs.
     saved = {k: os.environ.pop(k) for k in PROXY_VARS if k in os.environ}
     os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -32,6 +34,8 @@ def s3_settings() -> Iterator[Settings]:
                        s3_secure=False, s3_region="us-east-1")
     finally:
         server.stop()
+        for k in PROXY_VARS:
+            os.environ.pop(k, None)
         os.environ.update(saved)
 
 
