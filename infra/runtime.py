@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 from prefect_dask import DaskTaskRunner
 
-from infra.cluster import local_cluster_kwargs
+from infra.cluster import start_local_cluster
 
 SERVER_START_TIMEOUT = 120.0
 
@@ -36,9 +36,9 @@ def _warm_worker() -> None:
 
 def _start_cluster(n_workers: int | None, out: dict) -> None:
     try:
-        from distributed import Client, LocalCluster
+        from distributed import Client
 
-        cluster = LocalCluster(**local_cluster_kwargs(n_workers))
+        cluster = start_local_cluster(n_workers)
         with Client(cluster) as client:
             client.run(_warm_worker)
         out["cluster"] = cluster
