@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[test]"
+	# experts: the cpu-profile OCR/detection runtimes; clip: torch + open_clip (CUDA wheels, they run on CPU too).
+	$(PIP) install -q -e ".[test,experts,clip]"
 	# The demo crawls scikit-image's sample photos: only the wheel's data files are used, not the library.
 	$(PIP) install -q --no-deps "scikit-image==0.26.0"
 	touch $(STAMP)
@@ -24,10 +25,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	$(PY) bench/ingest.py
+	$(PY) bench/experts.py
 
 clean:
 	rm -rf $(VENV) capfactory-data .pytest_cache

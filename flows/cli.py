@@ -135,6 +135,67 @@ def ingest(
 
 
 @app.command()
+def extract(
+    dataset: Annotated[str | None, typer.Option(help="dataset name (folder in the store)")] = None,
+    spec: Annotated[Path | None, typer.Option(help="YAML dataset spec; command-line options override it")] = None,
+    store: Annotated[str | None, typer.Option(help="artifact store: a folder or s3://bucket/prefix")] = None,
+    experts: Annotated[str | None, typer.Option(help="comma list of ocr,objects,attributes,caption "
+                                                     "[ocr,objects,attributes]")] = None,
+    profile: Annotated[str | None, typer.Option(help="cpu|gpu: default backend per role [cpu]")] = None,
+    models_dir: Annotated[str | None, typer.Option(help="local models folder [$CAPFACTORY_MODELS_DIR or "
+                                                        "./models]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="images per model call [16]")] = None,
+    ocr_backend: Annotated[str | None, typer.Option(help="rapidocr|paddleocr")] = None,
+    ocr_min_score: Annotated[float | None, typer.Option(help="drop OCR lines below this score [0.5]")] = None,
+    detector_backend: Annotated[str | None, typer.Option(help="yolox-onnx|owlv2")] = None,
+    detector_model: Annotated[str | None, typer.Option(help="model file under the models folder, or a path")] = None,
+    detector_threshold: Annotated[float | None, typer.Option(help="detection score threshold [0.3]")] = None,
+    clip_backend: Annotated[str | None, typer.Option(help="open_clip: CLIP tags in attributes")] = None,
+    clip_model: Annotated[str | None, typer.Option(help="open_clip architecture [ViT-B-32]")] = None,
+    clip_pretrained: Annotated[str | None, typer.Option(help="open_clip tag or local checkpoint file")] = None,
+    captioner_backend: Annotated[str | None, typer.Option(help="openai|transformers")] = None,
+    captioner_endpoint: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (vLLM)")] = None,
+    captioner_model: Annotated[str | None, typer.Option(help="served model name or local model folder")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="attach to this Dask scheduler")] = None,
+    workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes [cores]")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the summary as JSON here")] = None,
+) -> None:
+    """Run vision experts (OCR, objects + attributes, CLIP tags, a synthetic caption) over ingested shards."""
+    from infra.models import ModelUnavailable
+    from infra.settings import Settings
+
+    overrides = {
+        "store": store, "experts.profile": profile, "experts.batch_size": batch_size,
+        "experts.experts": [e.strip() for e in experts.split(",") if e.strip()] if experts else None,
+        "experts.ocr.backend": ocr_backend, "experts.ocr.min_score": ocr_min_score,
+        "experts.detector.backend": detector_backend, "experts.detector.model": detector_model,
+        "experts.detector.score_threshold": detector_threshold, "experts.clip.backend": clip_backend,
+        "experts.clip.model": clip_model, "experts.clip.pretrained": clip_pretrained,
+        "experts.captioner.backend": captioner_backend, "experts.captioner.endpoint": captioner_endpoint,
+        "experts.captioner.model": captioner_model,
+    }
+    ds = resolve_spec(spec, dataset, [], {}, overrides)
+    settings = Settings()
+    from flows.extract import run_extract
+
+    try:
+        result = run_extract(ds.name, store=ds.store or settings.store, config=ds.experts,
+                             models_dir=models_dir or settings.models_dir,
+                             dask_address=dask_address or settings.dask_address,
+                             workers=workers or settings.dask_workers, progress=sys.stderr.isatty())
+    except (ModelUnavailable, StoreError, SpecError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"\ndataset {result['dataset']} in {result['store']}: experts on "
+               f"{len(result['shards_extracted'])} shards, {len(result['shards_already_done'])} already done")
+    typer.echo("  status: " + (", ".join(f"{k}={v}" for k, v in sorted(result["counts"].items())) or "nothing to do"))
+    typer.echo(f"  images with text: {result['with_text']}; objects: {result['objects']}")
+    for role, model in result["provenance"].items():
+        typer.echo(f"  {role}: {model}")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1, default=str))
+
+
+@app.command()
 def demo(
     store: Annotated[str | None, typer.Option(help="artifact store [./capfactory-data]")] = None,
     samples: Annotated[int, typer.Option(help="image URLs to crawl")] = 400,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.futures import as_completed
-from tqdm import tqdm
 
+from flows.common import gather_shards
 from infra.runtime import flow_runtime
 from infra.settings import IngestConfig, InputSpec, Settings
 from infra.store import open_store
@@ -58,23 +57,13 @@ def ingest_flow(dataset: str, inputs: list[InputSpec], store: str | None = None,
         futures[ingest_shard_task.submit(store_uri, dataset, shard, config, False)] = shard
     for shard in plan.retry:
         futures[ingest_shard_task.submit(store_uri, dataset, shard, config, True)] = shard
-    totals: dict = {"counts": {}, "error_classes": {}, "shards": [], "failed_shards": []}
-    total_samples = sum(plan.samples_per_shard[s] for s in futures.values())
-    with tqdm(total=total_samples, unit="img", desc=f"ingest {dataset}", disable=not progress) as bar:
-        for future in as_completed(list(futures)):
-            shard = futures[future]
-            try:
-                stats = future.result()
-            except Exception as e:  # a shard that fails twice is reported; the others still finish
-                logger.error("shard %05d failed: %s", shard, e)
-                totals["failed_shards"].append(shard)
-                continue
-            totals["shards"].append(shard)
-            for group in ("counts", "error_classes"):
-                for k, v in stats[group].items():
-                    totals[group][k] = totals[group].get(k, 0) + v
-            bar.update(plan.samples_per_shard[shard])
-            bar.set_postfix(ok=totals["counts"].get("ok", 0), failed=totals["counts"].get("error", 0))
+    finished, failed = gather_shards(futures, plan.samples_per_shard, f"ingest {dataset}", progress, logger)
+    totals: dict = {"counts": {}, "error_classes": {}, "shards": [s["shard"] for s in finished],
+                    "failed_shards": failed}
+    for stats in finished:
+        for group in ("counts", "error_classes"):
+            for k, v in stats[group].items():
+                totals[group][k] = totals[group].get(k, 0) + v
     dedup = dedup_task(store_uri, dataset, config.phash_threshold)
     result = {
         "dataset": dataset, "store": store_uri, "config_hash": plan.config_hash,
@@ -95,7 +84,7 @@ def run_ingest(dataset: str, inputs: list[InputSpec], store: str | None = None, 
                retry_failed: bool = False, dask_address: str | None = None, workers: int | None = None,
                progress: bool = False) -> dict:
     """Run the ingest flow on a Dask cluster (an existing scheduler or a new LocalCluster)."""
-    with flow_runtime(dask_address, workers) as runner:
+    with flow_runtime(dask_address, workers, warm=("tasks.ingest",)) as runner:
         return ingest_flow.with_options(task_runner=runner)(
             dataset=dataset, inputs=inputs, store=store, config=config, retry_failed=retry_failed,
             progress=progress)

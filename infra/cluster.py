@@ -21,9 +21,10 @@ WORKER_PRE_SPAWN_ENV = {
 }
 
 
-def start_local_cluster(n_workers: int | None = None) -> LocalCluster:
-    """One single-threaded worker process per core (or `n_workers`)."""
+def start_local_cluster(n_workers: int | None = None, resources: dict[str, float] | None = None) -> LocalCluster:
+    """One single-threaded worker process per core (or `n_workers`), each advertising `resources`."""
     n = n_workers or max(1, os.cpu_count() or 1)
     with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_PRE_SPAWN_ENV,
                           "distributed.worker.profile.enabled": False}):
-        return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
+        return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                            resources=resources)

@@ -9,6 +9,7 @@ code, so the fixed start-up cost is paid once and in parallel.
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import subprocess
@@ -27,20 +28,19 @@ from infra.cluster import start_local_cluster
 SERVER_START_TIMEOUT = 120.0
 
 
-def _warm_worker() -> None:
+def _warm_worker(modules: tuple[str, ...]) -> None:
     # Import what a worker's first task needs, before the first task arrives.
-    import prefect.task_engine  # noqa: F401
+    for module in ("prefect.task_engine", *modules):
+        importlib.import_module(module)
 
-    import tasks.ingest  # noqa: F401
 
-
-def _start_cluster(n_workers: int | None, out: dict) -> None:
+def _start_cluster(n_workers: int | None, gpu: bool, warm: tuple[str, ...], out: dict) -> None:
     try:
         from distributed import Client
 
-        cluster = start_local_cluster(n_workers)
+        cluster = start_local_cluster(n_workers, resources={"GPU": 1} if gpu else None)
         with Client(cluster) as client:
-            client.run(_warm_worker)
+            client.run(_warm_worker, warm)
         out["cluster"] = cluster
     except BaseException as e:  # re-raised in the caller's thread
         out["error"] = e
@@ -93,9 +93,12 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def flow_runtime(dask_address: str | None = None, n_workers: int | None = None) -> Iterator[DaskTaskRunner]:
+def flow_runtime(dask_address: str | None = None, n_workers: int | None = None, *, gpu: bool = False,
+                 warm: tuple[str, ...] = ()) -> Iterator[DaskTaskRunner]:
     """Yields a DaskTaskRunner on `dask_address` or on a new LocalCluster, with a Prefect API available to this
-    process and the workers (the configured PREFECT_API_URL, or a temporary local server)."""
+    process and the workers (the configured PREFECT_API_URL, or a temporary local server). `gpu`: local workers
+    advertise a GPU resource, which model tasks of the gpu profile request. `warm`: modules the local workers
+    import while the Prefect server boots."""
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -110,7 +113,7 @@ def flow_runtime(dask_address: str | None = None, n_workers: int | None = None) 
         started: dict = {}
         thread = None
         if not dask_address:
-            thread = threading.Thread(target=_start_cluster, args=(n_workers, started), daemon=True)
+            thread = threading.Thread(target=_start_cluster, args=(n_workers, gpu, warm, started), daemon=True)
             thread.start()
         if server is not None:
             wait_until_healthy(server, api_url)

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     s3_region: str | None = None
     dask_address: str | None = None
     dask_workers: int | None = Field(default=None, ge=1)
+    models_dir: str = "./models"
 
 
 class _Strict(BaseModel):
@@ -110,6 +111,68 @@ class IngestConfig(_Strict):
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+ExpertName = Literal["ocr", "objects", "attributes", "caption"]
+DEFAULT_TAGS = (
+    "indoor", "outdoor", "daytime", "night", "portrait", "landscape", "close-up", "aerial view", "text", "logo",
+    "people", "animal", "vehicle", "food", "building", "nature", "water", "sky", "snow", "sports",
+    "black and white photo", "illustration", "screenshot", "painting", "diagram",
+)
+
+
+class OCRConfig(_Strict):
+    backend: str | None = Field(default=None, description="rapidocr | paddleocr (default: by profile)")
+    min_score: float = Field(default=0.5, ge=0, le=1, description="drop recognised lines below this score")
+    lang: str = "en"
+    model_dir: str | None = Field(default=None, description="local model folder (paddleocr)")
+
+
+class DetectorConfig(_Strict):
+    backend: str | None = Field(default=None, description="yolox-onnx | owlv2 (default: by profile)")
+    model: str = Field(default="detector/yolox_nano.onnx", description="file under models_dir, a path, or hub id")
+    score_threshold: float = Field(default=0.3, ge=0, le=1)
+    nms_iou: float = Field(default=0.45, gt=0, le=1)
+    input_size: int = Field(default=416, ge=32, le=2048)
+    vocabulary: tuple[str, ...] = Field(default=(), description="labels for open-vocabulary detectors")
+
+
+class ClipConfig(_Strict):
+    backend: str | None = Field(default=None, description="open_clip (default: off in the cpu profile)")
+    model: str = "ViT-B-32"
+    pretrained: str | None = Field(default="laion2b_s34b_b79k", description="open_clip tag or a local file")
+
+
+class AttributesConfig(_Strict):
+    tags: tuple[str, ...] = Field(default=DEFAULT_TAGS, description="CLIP zero-shot tag vocabulary")
+    top_k: int = Field(default=5, ge=1, le=100)
+
+
+class CaptionerConfig(_Strict):
+    backend: str | None = Field(default=None, description="openai | transformers (default: off in the cpu profile)")
+    endpoint: str | None = Field(default=None, description="OpenAI-compatible base URL, e.g. http://vllm:8000/v1")
+    model: str | None = Field(default=None, description="served model name, or local path for transformers")
+    prompt: str = "Describe this image in one detailed sentence."
+    max_tokens: int = Field(default=96, ge=1, le=4096)
+    concurrency: int = Field(default=16, ge=1, le=1024)
+    timeout: float = Field(default=60.0, gt=0)
+
+
+class ExpertsConfig(_Strict):
+    profile: Literal["cpu", "gpu"] = "cpu"
+    experts: tuple[ExpertName, ...] = ("ocr", "objects", "attributes")
+    batch_size: int = Field(default=16, ge=1, le=4096)
+    ocr: OCRConfig = OCRConfig()
+    detector: DetectorConfig = DetectorConfig()
+    clip: ClipConfig = ClipConfig()
+    attributes: AttributesConfig = AttributesConfig()
+    captioner: CaptionerConfig = CaptionerConfig()
+
+    def config_hash(self) -> str:
+        """Everything here changes the output except the batch size and the captioner's concurrency/timeout."""
+        data = self.model_dump(mode="json", exclude={"batch_size": True,
+                                                    "captioner": {"concurrency": True, "timeout": True}})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "folder"]
 Preset = Literal["auto", "laion", "cc3m", "wit", "generic"]
 
@@ -127,6 +190,7 @@ class DatasetSpec(_Strict):
     store: str | None = None
     inputs: list[InputSpec] = []
     ingest: IngestConfig = IngestConfig()
+    experts: ExpertsConfig = ExpertsConfig()
 
     @field_validator("name")
     @classmethod

@@ -49,7 +49,8 @@ class FetchError(Exception):
         self.status = status
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent or unparsable."""
     if not value:
         return None
     try:
@@ -200,7 +201,7 @@ class Downloader:
         if resp.status in TRANSIENT_HTTP:
             raise FetchError(f"http_{resp.status}", f"HTTP {resp.status} {resp.reason or ''}".strip(),
                              transient=True, http_status=resp.status,
-                             retry_after=_retry_after(resp.headers.get("Retry-After")))
+                             retry_after=retry_after_seconds(resp.headers.get("Retry-After")))
         if resp.status != 200:
             raise FetchError(f"http_{resp.status}", f"HTTP {resp.status} {resp.reason or ''}".strip(),
                              http_status=resp.status)

@@ -11,6 +11,8 @@ import pytest
 
 # Test runs keep their Prefect database away from the user's ~/.prefect (set before Prefect is imported).
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="capfactory-test-prefect-"))
+# Nothing may download at run time in tests: model hubs fail at once instead of retrying for a minute.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 from infra.loopback_server import ImageServer
 

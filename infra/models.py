@@ -1,0 +1,124 @@
+"""The model registry: one interface per role, named backends, a `cpu` and a `gpu` profile.
+
+A backend is a class with a `model_id` and a batch method; it is constructed by `load_backend(role, config)`,
+which caches one instance per process (per Dask worker) and per configuration, so models load once per worker,
+never per sample or per shard. A backend that cannot be provided raises `ModelUnavailable`, naming the role, the
+backend and how to provide the model -- never a silent skip.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from PIL import Image
+
+# role -> backend name -> "module:Class"; modules are imported only when a backend is used.
+BACKENDS: dict[str, dict[str, str]] = {
+    "ocr": {"rapidocr": "tasks.ocr:RapidOCRBackend", "paddleocr": "tasks.ocr:PaddleOCRBackend"},
+    "detector": {"yolox-onnx": "tasks.detect:YoloxOnnxDetector", "owlv2": "tasks.detect:Owlv2Detector"},
+    "clip": {"open_clip": "tasks.attributes:OpenClipScorer"},
+    "captioner": {"openai": "tasks.caption:OpenAICaptioner", "transformers": "tasks.caption:TransformersCaptioner"},
+}
+# The backend each role uses by default in each profile. None: the role is off unless configured.
+PROFILES: dict[str, dict[str, str | None]] = {
+    "cpu": {"ocr": "rapidocr", "detector": "yolox-onnx", "clip": None, "captioner": None},
+    "gpu": {"ocr": "paddleocr", "detector": "owlv2", "clip": "open_clip", "captioner": "openai"},
+}
+
+
+class ModelUnavailable(RuntimeError):
+    """A configured model cannot be loaded; the message says which role/backend and how to provide it."""
+
+    def __init__(self, role: str, backend: str, how: str):
+        super().__init__(f"{role} backend {backend!r} is unavailable: {how}")
+        self.role, self.backend = role, backend
+
+
+# ---- the data each role returns (plain dataclasses; stored as Parquet structs) ------------------------------
+
+Box = list[float]  # [x0, y0, x1, y1] in the image's pixel coordinates
+
+
+@dataclass(slots=True)
+class OCRLine:
+    text: str
+    score: float
+    box: list[list[float]]  # quadrilateral: 4 [x, y] points, clockwise from top-left
+
+
+@dataclass(slots=True)
+class OCRResult:
+    lines: list[OCRLine] = field(default_factory=list)
+
+    @property
+    def full_text(self) -> str:
+        """Lines in reading order (top to bottom, then left to right), joined by spaces."""
+        return " ".join(line.text for line in self.lines)
+
+
+@dataclass(slots=True)
+class Detection:
+    label: str
+    score: float
+    box: Box
+
+
+# ---- the interfaces --------------------------------------------------------------------------------------------
+
+class OCRBackend(Protocol):
+    model_id: str
+
+    def read(self, images: list[Image.Image]) -> list[OCRResult]: ...
+
+
+class Detector(Protocol):
+    model_id: str
+
+    def detect(self, images: list[Image.Image]) -> list[list[Detection]]: ...
+
+
+class ClipScorer(Protocol):
+    model_id: str
+
+    def image_embeddings(self, images: list[Image.Image]) -> Any: ...
+
+    def scores(self, images: list[Image.Image], texts: list[str]) -> Any:
+        """[len(images), len(texts)] cosine similarities."""
+
+
+class Captioner(Protocol):
+    model_id: str
+
+    def caption(self, images: list[Image.Image]) -> list[str]: ...
+
+
+# ---- loading ----------------------------------------------------------------------------------------------------
+
+_cache: dict[tuple, Any] = {}
+_lock = threading.Lock()
+
+
+def backend_class(role: str, name: str) -> type:
+    try:
+        target = BACKENDS[role][name]
+    except KeyError:
+        known = ", ".join(sorted(BACKENDS.get(role, {}))) or "none"
+        raise ModelUnavailable(role, name, f"no such backend (known for {role}: {known})") from None
+    module, cls = target.split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise ModelUnavailable(role, name, f"cannot import its code ({e}); install the extra it needs: "
+                               "pip install 'capfactory[experts]' (cpu backends), '[clip]' or '[gpu]'") from e
+
+
+def load_backend(role: str, name: str, **options: Any) -> Any:
+    """The backend instance for (role, name, options), built once per process."""
+    key = (role, name, tuple(sorted((k, repr(v)) for k, v in options.items())))
+    with _lock:
+        if key not in _cache:
+            _cache[key] = backend_class(role, name)(**options)
+        return _cache[key]
