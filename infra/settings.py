@@ -123,7 +123,7 @@ class OCRConfig(_Strict):
     backend: str | None = Field(default=None, description="rapidocr | paddleocr (default: by profile)")
     min_score: float = Field(default=0.5, ge=0, le=1, description="drop recognised lines below this score")
     lang: str = "en"
-    model_dir: str | None = Field(default=None, description="local model folder (paddleocr)")
+    model_dir: str | None = Field(default=None, description="local model folder (PP-OCR ONNX files or PaddleOCR)")
 
 
 class DetectorConfig(_Strict):
