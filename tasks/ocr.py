@@ -277,6 +277,10 @@ class RapidOCRBackend(_OCRBase):
         except ImportError as e:
             raise ModelUnavailable("ocr", "rapidocr", "pip install 'capfactory[experts]' (rapidocr-onnxruntime==1.4.4 "
                                                       f"+ onnxruntime; Python < 3.13) [{e}]") from None
+        import cv2
+
+        # One single-threaded backend per worker process: OpenCV's own thread pool would oversubscribe the cores.
+        cv2.setNumThreads(1)
         self.min_score, self.lang = float(min_score), lang
         options: dict[str, Any] = {}
         model = "PP-OCRv4"
