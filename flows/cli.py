@@ -65,6 +65,25 @@ def _print_summary(result: dict) -> None:
                f"(phash distance <= {d['phash_threshold']})")
 
 
+def _print_extract_summary(result: dict) -> None:
+    typer.echo(f"\ndataset {result['dataset']} in {result['store']}: experts on "
+               f"{len(result['shards_extracted'])} shards, {len(result['shards_already_done'])} already done")
+    typer.echo("  status: " + (", ".join(f"{k}={v}" for k, v in sorted(result["counts"].items())) or "nothing to do"))
+    typer.echo(f"  images with text: {result['with_text']}; objects: {result['objects']}")
+    for role, model in result["provenance"].items():
+        typer.echo(f"  {role}: {model}")
+
+
+def _print_fuse_summary(result: dict) -> None:
+    typer.echo(f"\ndataset {result['dataset']} in {result['store']}: fused {len(result['shards_fused'])} shards, "
+               f"{len(result['shards_already_done'])} already done")
+    typer.echo("  status: " + (", ".join(f"{k}={v}" for k, v in sorted(result["counts"].items())) or "nothing to do"))
+    typer.echo(f"  captions that passed their guards: {result['passed']}; LLM calls {result['llm_calls']}, "
+               f"cache hits {result['cache_hits']}; inputs with injected instructions: {result['injections_found']}")
+    for k, v in result["provenance"].items():
+        typer.echo(f"  {k}: {v}")
+
+
 @app.command()
 def ingest(
     inputs: Annotated[list[str] | None, typer.Argument(help="URL lists (parquet/csv/tsv/jsonl[.gz]), folders")] = None,
@@ -185,12 +204,51 @@ def extract(
                              workers=workers or settings.dask_workers, progress=sys.stderr.isatty())
     except (ModelUnavailable, StoreError, SpecError, ValueError) as e:
         _fail(str(e))
-    typer.echo(f"\ndataset {result['dataset']} in {result['store']}: experts on "
-               f"{len(result['shards_extracted'])} shards, {len(result['shards_already_done'])} already done")
-    typer.echo("  status: " + (", ".join(f"{k}={v}" for k, v in sorted(result["counts"].items())) or "nothing to do"))
-    typer.echo(f"  images with text: {result['with_text']}; objects: {result['objects']}")
-    for role, model in result["provenance"].items():
-        typer.echo(f"  {role}: {model}")
+    _print_extract_summary(result)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1, default=str))
+
+
+@app.command()
+def fuse(
+    dataset: Annotated[str | None, typer.Option(help="dataset name (folder in the store)")] = None,
+    spec: Annotated[Path | None, typer.Option(help="YAML dataset spec; command-line options override it")] = None,
+    store: Annotated[str | None, typer.Option(help="artifact store: a folder or s3://bucket/prefix")] = None,
+    mode: Annotated[str | None, typer.Option(help="experts|capsfusion|rank-and-fuse [experts]")] = None,
+    profile: Annotated[str | None, typer.Option(help="cpu|gpu: default LLM backend [cpu: llamacpp]")] = None,
+    backend: Annotated[str | None, typer.Option(help="llamacpp|openai|vllm")] = None,
+    model: Annotated[str | None, typer.Option(help="GGUF file, served model name, or vLLM model id")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (vLLM, llama.cpp server)")] = None,
+    prompt_version: Annotated[str | None, typer.Option(help="prompt template version [v1]")] = None,
+    outputs: Annotated[str | None, typer.Option(help="comma list of short,dense [short,dense]")] = None,
+    max_unsupported: Annotated[int | None, typer.Option(help="objects a caption may assert unsupported [0]")] = None,
+    language: Annotated[str | None, typer.Option(help="expected caption language [en]")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="requests in flight (openai backend) [16]")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="attach to this Dask scheduler")] = None,
+    workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes [cores]")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the summary as JSON here")] = None,
+) -> None:
+    """LLM fusion: merge alt-text and expert outputs into short and dense captions, with guards."""
+    from infra.models import ModelUnavailable
+    from infra.settings import Settings
+
+    overrides = {
+        "store": store, "fuse.mode": mode, "fuse.profile": profile, "fuse.backend": backend, "fuse.model": model,
+        "fuse.endpoint": endpoint, "fuse.prompt_version": prompt_version,
+        "fuse.outputs": [o.strip() for o in outputs.split(",") if o.strip()] if outputs else None,
+        "fuse.max_unsupported": max_unsupported, "fuse.language": language, "fuse.concurrency": concurrency,
+    }
+    ds = resolve_spec(spec, dataset, [], {}, overrides)
+    settings = Settings()
+    from flows.fuse import run_fuse
+
+    try:
+        result = run_fuse(ds.name, store=ds.store or settings.store, config=ds.fuse,
+                          dask_address=dask_address or settings.dask_address,
+                          workers=workers or settings.dask_workers, progress=sys.stderr.isatty())
+    except (ModelUnavailable, StoreError, SpecError, ValueError) as e:
+        _fail(str(e))
+    _print_fuse_summary(result)
     if json_out:
         json_out.write_text(json.dumps(result, indent=1, default=str))
 
@@ -201,14 +259,18 @@ def demo(
     samples: Annotated[int, typer.Option(help="image URLs to crawl")] = 400,
     dataset: Annotated[str, typer.Option(help="dataset name")] = "demo",
 ) -> None:
-    """Crawl scikit-image's sample photos from a loopback server (with faults mixed in) and ingest them."""
+    """Crawl scikit-image's sample photos from a loopback server (with faults mixed in), ingest them, run the
+    vision experts (OCR always; objects and attributes when the models folder has the detector), then fuse."""
     from flows.demo import run_demo
+    from infra.models import ModelUnavailable
 
     try:
-        result = run_demo(store=store, samples=samples, dataset=dataset)
-    except (InputError, StoreError, SpecError) as e:
+        ingested, extracted, fused = run_demo(store=store, samples=samples, dataset=dataset)
+    except (InputError, StoreError, SpecError, ModelUnavailable) as e:
         _fail(str(e))
-    _print_summary(result)
+    _print_summary(ingested)
+    _print_extract_summary(extracted)
+    _print_fuse_summary(fused)
 
 
 if __name__ == "__main__":

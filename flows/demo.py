@@ -3,7 +3,8 @@
 scikit-image's sample photos (shipped inside its PyPI wheel) are served from a loopback HTTP server together
 with a few hostile URLs (404, HTML served as JPEG, a truncated JPEG, a decompression bomb, an opt-out, a path
 robots.txt disallows, a redirect loop, a redirect to a link-local address); the ingest flow crawls them into
-the local store with only 127.0.0.0/8 opened in the SSRF guard.
+the local store with only 127.0.0.0/8 opened in the SSRF guard; then the vision experts run over the shards, and
+the LLM fusion stage writes short and dense captions (SmolLM2-135M in-process).
 """
 
 from __future__ import annotations
@@ -16,12 +17,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from infra.loopback_server import ImageServer
-from infra.settings import DownloadConfig, IngestConfig, InputSpec
+from infra.settings import DownloadConfig, ExpertsConfig, FuseConfig, IngestConfig, InputSpec, Settings
 from tasks.inputs import InputError
 
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-          "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "camera.png", "coins.png",
-          "brick.png", "grass.png", "gravel.png", "ihc.png", "moon.png", "page.png", "text.png", "horse.png")
+# The photos and an alt-text for each, as a web page might carry it.
+PHOTOS = {
+    "astronaut.png": "NASA astronaut Eileen Collins in her flight suit",
+    "chelsea.png": "Chelsea the tabby cat",
+    "coffee.png": "a cup of coffee on a saucer",
+    "rocket.jpg": "rocket on the launch pad",
+    "motorcycle_left.png": "red motorbike in a garage",
+    "hubble_deep_field.jpg": "Hubble deep field galaxies",
+    "camera.png": "man with a camera on a tripod",
+    "coins.png": "old coins on a table",
+    "page.png": "scanned page of a book",
+    "text.png": "hand-written text",
+    "horse.png": "horse silhouette",
+}
 FAULTS = ("/fault/not-found-image.jpg", "/fault/html-as-image.jpg", "/fault/truncated.jpg", "/fault/bomb.png",
           "/fault/noai.jpg", "/private/0/secret.jpg", "/fault/loop/a", "/fault/to-link-local",
           "/fault/status/500", "/fault/redirect/2")
@@ -39,16 +51,31 @@ def sample_photos() -> list[Path]:
     return photos
 
 
-def run_demo(store: str | None, samples: int, dataset: str) -> dict:
+def run_demo(store: str | None, samples: int, dataset: str) -> tuple[dict, dict, dict]:
+    """Ingest, then experts, then fusion. Returns the three stages' summaries."""
+    from flows.extract import run_extract
+    from flows.fuse import run_fuse
     from flows.ingest import run_ingest
 
-    with ImageServer(sample_photos(), robots_txt=ROBOTS) as server, tempfile.TemporaryDirectory() as tmp:
+    photos = sample_photos()
+    with ImageServer(photos, robots_txt=ROBOTS) as server, tempfile.TemporaryDirectory() as tmp:
         urls = server.image_urls(samples) + [server.url(p) for p in FAULTS]
-        captions = [f"sample photo {u.rsplit('/', 1)[-1]}" for u in urls]
+        # Repeated photos carry the same alt-text, so fusion sends each distinct prompt once per shard.
+        captions = [PHOTOS[photos[i % len(photos)].name] for i in range(samples)] + ["a photo"] * len(FAULTS)
         url_list = Path(tmp) / "urls.parquet"
         pq.write_table(pa.table({"url": urls, "caption": captions}), url_list)
         config = IngestConfig(
-            shard_size=max(50, (len(urls) + 3) // 4),
+            shard_size=max(50, (len(urls) + 1) // 2),
             download=DownloadConfig(allow_cidrs=("127.0.0.0/8",), total_timeout=10, retries=1, backoff=0.1),
         )
-        return run_ingest(dataset, [InputSpec(path=str(url_list))], store=store, config=config, progress=True)
+        ingested = run_ingest(dataset, [InputSpec(path=str(url_list))], store=store, config=config, progress=True)
+    models_dir = Settings().models_dir
+    detector = Path(models_dir) / ExpertsConfig().detector.model
+    experts = ("ocr", "objects", "attributes") if detector.is_file() else ("ocr",)
+    if not detector.is_file():
+        print(f"(no detector model at {detector}: the demo runs OCR only; set CAPFACTORY_MODELS_DIR to a folder "
+              "with detector/yolox_nano.onnx for objects and attributes)")
+    extracted = run_extract(dataset, store=store, config=ExpertsConfig(experts=experts), models_dir=models_dir,
+                            progress=True)
+    fused = run_fuse(dataset, store=store, config=FuseConfig(), progress=True)
+    return ingested, extracted, fused

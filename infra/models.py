@@ -21,11 +21,12 @@ BACKENDS: dict[str, dict[str, str]] = {
     "detector": {"yolox-onnx": "tasks.detect:YoloxOnnxDetector", "owlv2": "tasks.detect:Owlv2Detector"},
     "clip": {"open_clip": "tasks.attributes:OpenClipScorer"},
     "captioner": {"openai": "tasks.caption:OpenAICaptioner", "transformers": "tasks.caption:TransformersCaptioner"},
+    "llm": {"llamacpp": "tasks.llm:LlamaCppLLM", "openai": "tasks.llm:OpenAILLM", "vllm": "tasks.llm:VllmLLM"},
 }
 # The backend each role uses by default in each profile. None: the role is off unless configured.
 PROFILES: dict[str, dict[str, str | None]] = {
-    "cpu": {"ocr": "rapidocr", "detector": "yolox-onnx", "clip": None, "captioner": None},
-    "gpu": {"ocr": "paddleocr", "detector": "owlv2", "clip": "open_clip", "captioner": "openai"},
+    "cpu": {"ocr": "rapidocr", "detector": "yolox-onnx", "clip": None, "captioner": None, "llm": "llamacpp"},
+    "gpu": {"ocr": "paddleocr", "detector": "owlv2", "clip": "open_clip", "captioner": "openai", "llm": "vllm"},
 }
 
 
@@ -93,6 +94,23 @@ class Captioner(Protocol):
     model_id: str
 
     def caption(self, images: list[Image.Image]) -> list[str]: ...
+
+
+Messages = list[dict[str, str]]  # OpenAI-style chat: [{"role": "system"|"user"|"assistant", "content": "..."}]
+
+
+@dataclass(slots=True)
+class Completion:
+    text: str | None  # None when the request failed
+    error: str | None = None
+
+
+class LLMBackend(Protocol):
+    model_id: str
+
+    def generate(self, conversations: list[Messages], max_tokens: int, temperature: float = 0.0,
+                 stop: list[str] | None = None) -> list[Completion]:
+        """One completion per conversation, in order; a failed one carries its error, it never raises for it."""
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------

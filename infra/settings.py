@@ -173,6 +173,35 @@ class ExpertsConfig(_Strict):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class FuseConfig(_Strict):
+    """LLM fusion (FuseCap / CapsFusion): how the enriched captions are made and checked."""
+
+    mode: Literal["experts", "capsfusion", "rank-and-fuse"] = "experts"
+    profile: Literal["cpu", "gpu"] = "cpu"
+    backend: str | None = Field(default=None, description="llamacpp | openai | vllm (default: by profile)")
+    model: str | None = Field(default=None, description="GGUF file, served model name, or vLLM model id")
+    endpoint: str | None = Field(default=None, description="OpenAI-compatible base URL for the openai backend")
+    prompt_version: str = Field(default="v1", pattern=r"^[A-Za-z0-9_.-]+$")
+    outputs: tuple[Literal["short", "dense"], ...] = ("short", "dense")
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    max_tokens_short: int = Field(default=48, ge=8, le=1024)
+    max_tokens_dense: int = Field(default=160, ge=8, le=4096)
+    min_words: int = Field(default=4, ge=1)
+    max_words_short: int = Field(default=30, ge=1)
+    max_words_dense: int = Field(default=120, ge=1)
+    max_unsupported: int = Field(default=0, ge=0, description="objects a caption may assert without support")
+    language: str | None = Field(default="en", description="expected caption language (None: no check)")
+    n_ctx: int = Field(default=2048, ge=256)
+    seed: int = 0
+    batch_size: int = Field(default=32, ge=1, le=100_000, description="prompts per backend call")
+    concurrency: int = Field(default=16, ge=1, le=4096)
+    timeout: float = Field(default=120.0, gt=0)
+
+    def config_hash(self) -> str:
+        data = self.model_dump(mode="json", exclude={"batch_size", "concurrency", "timeout"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "folder"]
 Preset = Literal["auto", "laion", "cc3m", "wit", "generic"]
 
@@ -191,6 +220,7 @@ class DatasetSpec(_Strict):
     inputs: list[InputSpec] = []
     ingest: IngestConfig = IngestConfig()
     experts: ExpertsConfig = ExpertsConfig()
+    fuse: FuseConfig = FuseConfig()
 
     @field_validator("name")
     @classmethod

