@@ -7,6 +7,7 @@ gets a row keyed by `key`; a sample whose image failed ingest is `skipped`, a sa
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -192,12 +193,20 @@ def extract_shard(store_uri: str, dataset: str, shard: int, cfg: ExpertsConfig, 
 
     rows: dict[str, dict] = {}
     todo: list[tuple[str, Image.Image]] = []
+    first_of: dict[bytes, str] = {}  # identical stored images in a shard go through the models once
+    copies: dict[str, str] = {}
     for key, status in zip(raw.column("key").to_pylist(), raw.column("status").to_pylist(), strict=True):
         if status != "ok" or key not in images:
             rows[key] = _empty_row(key, "skipped", f"no image (ingest status {status})")
             continue
+        data = images.pop(key)
+        digest = hashlib.sha256(data).digest()
+        if digest in first_of:
+            copies[key] = first_of[digest]
+            continue
+        first_of[digest] = key
         try:
-            todo.append((key, _decode(images.pop(key))))
+            todo.append((key, _decode(data)))
         except Exception as e:  # a stored image that no longer decodes: record it, keep going
             rows[key] = _empty_row(key, "error", f"cannot decode stored image: {e}")
     for start in range(0, len(todo), cfg.batch_size):
@@ -218,6 +227,8 @@ def extract_shard(store_uri: str, dataset: str, shard: int, cfg: ExpertsConfig, 
                     batch_rows.append(_empty_row(key, "error", f"{type(e).__name__}: {e}"))
         rows.update((r["key"], r) for r in batch_rows)
 
+    for key, original in copies.items():
+        rows[key] = {**rows[original], "key": key}
     ordered = [rows[k] for k in raw.column("key").to_pylist()]
     store.put_parquet(stage_key(dataset, STAGE, shard, "parquet"), pa.Table.from_pylist(ordered, EXPERTS_SCHEMA))
     stats = {
@@ -225,6 +236,7 @@ def extract_shard(store_uri: str, dataset: str, shard: int, cfg: ExpertsConfig, 
         "config_hash": cfg.config_hash(),
         "input_marker": _input_fingerprint(raw_marker),
         "samples": len(ordered),
+        "images_run": len(todo),  # distinct images given to the models (identical ones share their result)
         "counts": dict(Counter(r["status"] for r in ordered)),
         "with_text": sum(1 for r in ordered if r["ocr_text"]),
         "objects": sum(len(r["objects"] or []) for r in ordered),

@@ -40,6 +40,7 @@ def ingested(tmp_path_factory) -> tuple[LocalStore, dict[str, str]]:
     tmp = tmp_path_factory.mktemp("experts")
     images = {
         "people.jpg": (PHOTOS / "000000214753.jpg").read_bytes(),  # COCO: 2 horses, 2 people
+        "people-again.jpg": (PHOTOS / "000000214753.jpg").read_bytes(),  # the same photo, same shard
         "bed.jpg": (PHOTOS / "000000536038.jpg").read_bytes(),  # COCO: bed, book, 2 people
         "sale.jpg": (TEXT / "img_122.jpg").read_bytes(),  # SALE FURTHER REDUCTIONS ...
         "sushi.jpg": (TEXT / "img_140.jpg").read_bytes(),
@@ -75,11 +76,15 @@ def test_extract_flow_runs_every_expert_and_records_every_sample(ingested):
     assert sorted(result["shards_extracted"]) == [0, 1]
     table = pa.concat_tables([store.get_parquet(stage_key("exp", STAGE, s, "parquet")) for s in (0, 1)])
     rows = {r["key"]: r for r in table.to_pylist()}
-    assert len(rows) == 9
+    assert len(rows) == 10
     assert rows[keys["truncated.jpg"]]["status"] == "skipped"
     assert all(rows[keys[n]]["status"] == "ok" for n in keys if n != "truncated.jpg")
 
     people = rows[keys["people.jpg"]]
+    # The repeated photo shares the first one's result: the models saw 8 distinct images for 9 good samples.
+    assert {**rows[keys["people-again.jpg"]], "key": None} == {**people, "key": None}
+    shard_stats = [store.get_json(stage_key("exp", STAGE, s, "stats.json")) for s in (0, 1)]
+    assert sum(s["images_run"] for s in shard_stats) == 8
     labels = [o["label"] for o in people["objects"]]
     assert "person" in labels and "horse" in labels
     assert dict(people["object_counts"])["person"] == labels.count("person")
