@@ -115,41 +115,41 @@ def image_to_data_url(img: Image.Image, max_side: int = 768, quality: int = 90) 
 # ---- the OpenAI-compatible (vLLM) backend -----------------------------------------------------------------------
 
 
-class _AttemptError(Exception):
+class AttemptError(Exception):
     def __init__(self, message: str, *, transient: bool, retry_after: float | None = None):
         super().__init__(message)
         self.transient = transient
         self.retry_after = retry_after
 
 
-async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole body, or _AttemptError (not transient) once it exceeds `limit` bytes."""
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or AttemptError (not transient) once it exceeds `limit` bytes."""
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(1 << 16):
         size += len(chunk)
         if size > limit:
-            raise _AttemptError(f"bad_response: reply larger than {limit} bytes (HTTP {resp.status})", transient=False)
+            raise AttemptError(f"bad_response: reply larger than {limit} bytes (HTTP {resp.status})", transient=False)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _message_text(payload: Any) -> str:
-    """The assistant text of a chat completion; raises _AttemptError (not transient) if the shape is wrong."""
+def message_text(payload: Any) -> str:
+    """The assistant text of a chat completion; raises AttemptError (not transient) if the shape is wrong."""
     try:
         content = payload["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
-        raise _AttemptError("bad_response: no choices[0].message.content in the reply", transient=False) from None
+        raise AttemptError("bad_response: no choices[0].message.content in the reply", transient=False) from None
     if isinstance(content, list):  # some servers return content parts
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
     if content is None:
         content = ""
     if not isinstance(content, str):
-        raise _AttemptError(f"bad_response: content is {type(content).__name__}, not text", transient=False)
+        raise AttemptError(f"bad_response: content is {type(content).__name__}, not text", transient=False)
     return content.strip()
 
 
-def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
+def run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
     """Run a coroutine to completion from sync code: asyncio.run here, or in a helper thread if this thread
     already runs an event loop (asyncio.run refuses to nest)."""
     try:
@@ -228,7 +228,7 @@ class OpenAICaptioner:
         class (`http_400:`, `timeout:`, `connection:`, `empty:`, `bad_response:`, `encode:`)."""
         if not images:
             return []
-        return _run_sync(self._caption_all(list(images)))
+        return run_sync(self._caption_all(list(images)))
 
     def caption(self, images: Sequence[Image.Image]) -> list[str]:
         """Captions in input order; raises CaptionError if any image failed (see `caption_batch`)."""
@@ -280,7 +280,7 @@ class OpenAICaptioner:
                 attempt += 1
                 try:
                     return await self._post(session, body), None
-                except _AttemptError as e:
+                except AttemptError as e:
                     if not e.transient or attempt > self.retries:
                         suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
                         return None, f"{e}{suffix}"
@@ -292,30 +292,30 @@ class OpenAICaptioner:
     async def _post(self, session: aiohttp.ClientSession, body: bytes) -> str:
         try:
             async with session.post(self.url, data=body) as resp:
-                raw = await _read_bounded(resp, MAX_RESPONSE_BYTES)
+                raw = await read_bounded(resp, MAX_RESPONSE_BYTES)
                 if resp.status != 200:
                     detail = raw[:300].decode("utf-8", "replace").strip()
                     transient = resp.status in TRANSIENT_HTTP or resp.status >= 500
-                    raise _AttemptError(
+                    raise AttemptError(
                         f"http_{resp.status}: {detail}",
                         transient=transient,
                         retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
                     )
-        except _AttemptError:
+        except AttemptError:
             raise
         except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise _AttemptError(f"timeout: no complete reply within {self.timeout}s", transient=True) from None
+            raise AttemptError(f"timeout: no complete reply within {self.timeout}s", transient=True) from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-            raise _AttemptError(f"connection: {type(e).__name__}: {e}", transient=True) from None
+            raise AttemptError(f"connection: {type(e).__name__}: {e}", transient=True) from None
         except aiohttp.ClientError as e:
-            raise _AttemptError(f"client: {type(e).__name__}: {e}", transient=False) from None
+            raise AttemptError(f"client: {type(e).__name__}: {e}", transient=False) from None
         try:
             payload = json.loads(raw)
         except ValueError:
-            raise _AttemptError("bad_response: reply is not JSON", transient=False) from None
-        text = _message_text(payload)
+            raise AttemptError("bad_response: reply is not JSON", transient=False) from None
+        text = message_text(payload)
         if not text:
-            raise _AttemptError("empty: the model returned no caption text", transient=False)
+            raise AttemptError("empty: the model returned no caption text", transient=False)
         return text
 
 

@@ -58,10 +58,10 @@ from tasks.caption import (
     MAX_RESPONSE_BYTES,
     MAX_RETRY_AFTER,
     TRANSIENT_HTTP,
-    _AttemptError,
-    _message_text,
-    _read_bounded,
-    _run_sync,
+    AttemptError,
+    message_text,
+    read_bounded,
+    run_sync,
 )
 from tasks.download import retry_after_seconds
 
@@ -301,7 +301,7 @@ class OpenAILLM(_UsageMixin):
         if not conversations:
             return []
         bodies = [json.dumps(self.request_body(m, max_tokens, temperature, stop)).encode() for m in conversations]
-        return _run_sync(self._generate_all(bodies))
+        return run_sync(self._generate_all(bodies))
 
     async def _generate_all(self, bodies: list[bytes]) -> list[Completion]:
         sem = asyncio.Semaphore(self.concurrency)
@@ -323,7 +323,7 @@ class OpenAILLM(_UsageMixin):
                 attempt += 1
                 try:
                     text, usage = await self._post(session, body)
-                except _AttemptError as e:
+                except AttemptError as e:
                     if not e.transient or attempt > self.retries:
                         self._count(ok=False, retries=attempt - 1)
                         suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
@@ -339,27 +339,27 @@ class OpenAILLM(_UsageMixin):
     async def _post(self, session: aiohttp.ClientSession, body: bytes) -> tuple[str, Any]:
         try:
             async with session.post(self.url, data=body) as resp:
-                raw = await _read_bounded(resp, MAX_RESPONSE_BYTES)
+                raw = await read_bounded(resp, MAX_RESPONSE_BYTES)
                 if resp.status != 200:
                     detail = raw[:300].decode("utf-8", "replace").strip()
-                    raise _AttemptError(
+                    raise AttemptError(
                         f"http_{resp.status}: {detail}",
                         transient=resp.status in TRANSIENT_HTTP or resp.status >= 500,
                         retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
                     )
-        except _AttemptError:
+        except AttemptError:
             raise
         except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise _AttemptError(f"timeout: no complete reply within {self.timeout}s", transient=True) from None
+            raise AttemptError(f"timeout: no complete reply within {self.timeout}s", transient=True) from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-            raise _AttemptError(f"connection: {type(e).__name__}: {e}", transient=True) from None
+            raise AttemptError(f"connection: {type(e).__name__}: {e}", transient=True) from None
         except aiohttp.ClientError as e:
-            raise _AttemptError(f"client: {type(e).__name__}: {e}", transient=False) from None
+            raise AttemptError(f"client: {type(e).__name__}: {e}", transient=False) from None
         try:
             payload = json.loads(raw)
         except ValueError:
-            raise _AttemptError("bad_response: reply is not JSON", transient=False) from None
-        return _message_text(payload), payload.get("usage") if isinstance(payload, dict) else None
+            raise AttemptError("bad_response: reply is not JSON", transient=False) from None
+        return message_text(payload), payload.get("usage") if isinstance(payload, dict) else None
 
 
 # ---- llama.cpp's OpenAI-compatible server as a child process ---------------------------------------------------
