@@ -193,6 +193,7 @@ class FuseConfig(_Strict):
     language: str | None = Field(default="en", description="expected caption language (None: no check)")
     n_ctx: int = Field(default=2048, ge=256)
     seed: int = 0
+    clip: ClipConfig = Field(default=ClipConfig(), description="the image-text scorer of rank-and-fuse")
     batch_size: int = Field(default=32, ge=1, le=100_000, description="prompts per backend call")
     concurrency: int = Field(default=16, ge=1, le=4096)
     timeout: float = Field(default=120.0, gt=0)

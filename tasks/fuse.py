@@ -221,7 +221,7 @@ def rank_candidates(inputs: list[FuseInputs], images: dict[str, bytes] | None, s
         item.candidates = [pool[i] for i in order[:2]]
 
 
-def fuse_shard(store_uri: str, dataset: str, shard: int, cfg: FuseConfig, clip_options: dict | None = None) -> dict:
+def fuse_shard(store_uri: str, dataset: str, shard: int, cfg: FuseConfig) -> dict:
     """Fuse one shard; writes `<dataset>/fused/shard-NNNNN.parquet` and its done marker; returns stats."""
     started = time.time()
     store = open_store(store_uri)
@@ -241,7 +241,7 @@ def fuse_shard(store_uri: str, dataset: str, shard: int, cfg: FuseConfig, clip_o
     if cfg.mode == "rank-and-fuse":
         from tasks.extract import _read_images
 
-        scorer = load_backend("clip", "open_clip", **(clip_options or {}))
+        scorer = load_backend("clip", "open_clip", model=cfg.clip.model, pretrained=cfg.clip.pretrained)
         rank_candidates([inputs[i] for i in todo], _read_images(store, dataset, shard), scorer)
 
     # One prompt per (sample, output); completions already in the cache are not requested again.

@@ -185,3 +185,49 @@ def test_fuse_shard_resumes_after_the_llm_server_dies_mid_shard(coco_dataset):
     assert stats["cache_hits"] == made and stats["llm_calls"] == 6 - made
     rows = [r for r in store.get_parquet(stage_key("coco", STAGE, 0, "parquet")).to_pylist() if r["status"] == "ok"]
     assert len(rows) == 6 and all(r["fused_short"] for r in rows)
+
+
+def test_rank_and_fuse_keeps_the_two_best_scored_candidates():
+    """The selection logic of rank-and-fuse, with a scorer that prefers longer texts (no CLIP weights exist on
+    these machines; the open_clip scorer itself is tested in test_attributes.py)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tasks.fuse import rank_candidates
+
+    class LengthScorer:
+        def scores(self, images, texts):
+            return np.array([[len(t) for t in texts]] * len(images), dtype=float)
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PNG")
+    items = [FuseInputs("a", "short alt", "SALE 50% OFF", None, "a much longer synthetic caption of the shop"),
+             FuseInputs("b", "only an alt-text", None, None, None)]
+    rank_candidates(items, {"a": buf.getvalue(), "b": buf.getvalue()}, LengthScorer())
+    assert items[0].candidates == ["a much longer synthetic caption of the shop", "text: SALE 50% OFF"]
+    assert items[1].candidates == ["only an alt-text"]
+    messages, _ = build_messages(items[0], "rank-and-fuse", "short", "v1")
+    assert "caption 1: a much longer synthetic caption" in messages[1]["content"]
+
+
+def test_rank_and_fuse_without_clip_weights_is_a_clear_error(coco_dataset, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailable, match="clip"):
+        fuse_shard(coco_dataset.uri, "coco", 0, FuseConfig(mode="rank-and-fuse", outputs=("short",)))
+
+
+@pytest.mark.slow
+def test_fuse_flow_on_a_local_cluster(coco_dataset):
+    from flows.fuse import run_fuse
+
+    store = coco_dataset
+    for ext in ("parquet", "stats.json"):
+        store.delete(stage_key("coco", STAGE, 0, ext))
+    result = run_fuse("coco", store=store.uri, config=FuseConfig(mode="capsfusion", outputs=("short",)), workers=2)
+    assert result["shards_fused"] == [0] and result["counts"] == {"ok": 6, "skipped": 1}
+    assert result["llm_calls"] == 6 and result["provenance"]["llm"].startswith("llamacpp:")
+    rows = store.get_parquet(stage_key("coco", STAGE, 0, "parquet")).to_pylist()
+    assert all(r["fused_short"] for r in rows if r["status"] == "ok")
+    assert dict(rows[0]["provenance"])["mode"] == "capsfusion"
