@@ -149,6 +149,33 @@ def message_text(payload: Any) -> str:
     return content.strip()
 
 
+async def post_chat(session: aiohttp.ClientSession, url: str, body: bytes, timeout: float) -> Any:
+    """POST one chat-completions request and return the parsed JSON reply. Raises AttemptError, marked
+    transient (timeouts, connection errors, 408/429/5xx) or not; shared by the captioner and the LLM backends."""
+    try:
+        async with session.post(url, data=body) as resp:
+            raw = await read_bounded(resp, MAX_RESPONSE_BYTES)
+            if resp.status != 200:
+                detail = raw[:300].decode("utf-8", "replace").strip()
+                raise AttemptError(
+                    f"http_{resp.status}: {detail}",
+                    transient=resp.status in TRANSIENT_HTTP or resp.status >= 500,
+                    retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
+                )
+    except AttemptError:
+        raise
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        raise AttemptError(f"timeout: no complete reply within {timeout}s", transient=True) from None
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+        raise AttemptError(f"connection: {type(e).__name__}: {e}", transient=True) from None
+    except aiohttp.ClientError as e:
+        raise AttemptError(f"client: {type(e).__name__}: {e}", transient=False) from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise AttemptError("bad_response: reply is not JSON", transient=False) from None
+
+
 def run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
     """Run a coroutine to completion from sync code: asyncio.run here, or in a helper thread if this thread
     already runs an event loop (asyncio.run refuses to nest)."""
@@ -290,30 +317,7 @@ class OpenAICaptioner:
                 await asyncio.sleep(delay)
 
     async def _post(self, session: aiohttp.ClientSession, body: bytes) -> str:
-        try:
-            async with session.post(self.url, data=body) as resp:
-                raw = await read_bounded(resp, MAX_RESPONSE_BYTES)
-                if resp.status != 200:
-                    detail = raw[:300].decode("utf-8", "replace").strip()
-                    transient = resp.status in TRANSIENT_HTTP or resp.status >= 500
-                    raise AttemptError(
-                        f"http_{resp.status}: {detail}",
-                        transient=transient,
-                        retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
-                    )
-        except AttemptError:
-            raise
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise AttemptError(f"timeout: no complete reply within {self.timeout}s", transient=True) from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-            raise AttemptError(f"connection: {type(e).__name__}: {e}", transient=True) from None
-        except aiohttp.ClientError as e:
-            raise AttemptError(f"client: {type(e).__name__}: {e}", transient=False) from None
-        try:
-            payload = json.loads(raw)
-        except ValueError:
-            raise AttemptError("bad_response: reply is not JSON", transient=False) from None
-        text = message_text(payload)
+        text = message_text(await post_chat(session, self.url, body, self.timeout))
         if not text:
             raise AttemptError("empty: the model returned no caption text", transient=False)
         return text

