@@ -35,7 +35,7 @@ import io
 import json
 import os
 import random
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -176,6 +176,32 @@ async def post_chat(session: aiohttp.ClientSession, url: str, body: bytes, timeo
         raise AttemptError("bad_response: reply is not JSON", transient=False) from None
 
 
+def chat_session(concurrency: int, timeout: float, headers: dict[str, str]) -> aiohttp.ClientSession:
+    """A session for an OpenAI-compatible server: `concurrency` connections, `timeout` seconds per attempt, no
+    cookies, and never a proxy from the environment."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                 timeout=aiohttp.ClientTimeout(total=timeout), headers=headers,
+                                 cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
+
+
+async def with_retries(attempt: Callable[[], Awaitable[_T]], *, retries: int, backoff: float, max_backoff: float,
+                       max_retry_after: float) -> tuple[_T | None, str | None, int]:
+    """Await `attempt()` until it succeeds, retrying transient AttemptErrors with exponential backoff and jitter
+    (at least Retry-After, capped). Returns (result, None, attempts) or (None, error message, attempts)."""
+    n = 0
+    while True:
+        n += 1
+        try:
+            return await attempt(), None, n
+        except AttemptError as e:
+            if not e.transient or n > retries:
+                return None, f"{e}" + (f" (after {n} attempts)" if n > 1 else ""), n
+            delay = min(max_backoff, backoff * 2 ** (n - 1)) * (1 + random.random() / 4)
+            if e.retry_after is not None:
+                delay = max(delay, min(e.retry_after, max_retry_after))
+        await asyncio.sleep(delay)
+
+
 def run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
     """Run a coroutine to completion from sync code: asyncio.run here, or in a helper thread if this thread
     already runs an event loop (asyncio.run refuses to nest)."""
@@ -281,15 +307,7 @@ class OpenAICaptioner:
 
     async def _caption_all(self, images: list[Image.Image]) -> list[CaptionOutcome]:
         sem = asyncio.Semaphore(self.concurrency)
-        connector = aiohttp.TCPConnector(limit=self.concurrency)
-        timeout = aiohttp.ClientTimeout(total=self.timeout)  # per attempt
-        async with aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            headers=self._headers,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-        ) as session:
+        async with chat_session(self.concurrency, self.timeout, self._headers) as session:
             return list(await asyncio.gather(*(self._caption_one(session, sem, img) for img in images)))
 
     async def _caption_one(
@@ -302,19 +320,10 @@ class OpenAICaptioner:
                 return None, f"encode: {type(e).__name__}: {e}"
             body = json.dumps(self.request_body(data_url)).encode()
             del data_url
-            attempt = 0
-            while True:
-                attempt += 1
-                try:
-                    return await self._post(session, body), None
-                except AttemptError as e:
-                    if not e.transient or attempt > self.retries:
-                        suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
-                        return None, f"{e}{suffix}"
-                    delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (1 + random.random() / 4)
-                    if e.retry_after is not None:
-                        delay = max(delay, min(e.retry_after, self.max_retry_after))
-                await asyncio.sleep(delay)
+            caption, error, _ = await with_retries(
+                lambda: self._post(session, body), retries=self.retries, backoff=self.backoff,
+                max_backoff=self.max_backoff, max_retry_after=self.max_retry_after)
+            return caption, error
 
     async def _post(self, session: aiohttp.ClientSession, body: bytes) -> str:
         text = message_text(await post_chat(session, self.url, body, self.timeout))

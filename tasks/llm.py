@@ -34,7 +34,6 @@ import importlib
 import importlib.util
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -56,10 +55,11 @@ from infra.models import Completion, Messages, ModelUnavailable
 # Private helpers of the captioner's OpenAI client, reused as they are (they should become public there).
 from tasks.caption import (
     MAX_RETRY_AFTER,
-    AttemptError,
+    chat_session,
     message_text,
     post_chat,
     run_sync,
+    with_retries,
 )
 
 API_KEY_ENV = "CAPFACTORY_LLM_API_KEY"
@@ -302,36 +302,20 @@ class OpenAILLM(_UsageMixin):
 
     async def _generate_all(self, bodies: list[bytes]) -> list[Completion]:
         sem = asyncio.Semaphore(self.concurrency)
-        connector = aiohttp.TCPConnector(limit=self.concurrency)
-        timeout = aiohttp.ClientTimeout(total=self.timeout)  # per attempt
-        async with aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            headers=self._headers,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-        ) as session:
+        async with chat_session(self.concurrency, self.timeout, self._headers) as session:
             return list(await asyncio.gather(*(self._generate_one(session, sem, body) for body in bodies)))
 
     async def _generate_one(self, session: aiohttp.ClientSession, sem: asyncio.Semaphore, body: bytes) -> Completion:
         async with sem:
-            attempt = 0
-            while True:
-                attempt += 1
-                try:
-                    text, usage = await self._post(session, body)
-                except AttemptError as e:
-                    if not e.transient or attempt > self.retries:
-                        self._count(ok=False, retries=attempt - 1)
-                        suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
-                        return Completion(None, f"{e}{suffix}")
-                    delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (1 + random.random() / 4)
-                    if e.retry_after is not None:
-                        delay = max(delay, min(e.retry_after, self.max_retry_after))
-                else:
-                    self._count(retries=attempt - 1, usage=usage)
-                    return Completion(text)
-                await asyncio.sleep(delay)
+            result, error, attempts = await with_retries(
+                lambda: self._post(session, body), retries=self.retries, backoff=self.backoff,
+                max_backoff=self.max_backoff, max_retry_after=self.max_retry_after)
+            if error is not None:
+                self._count(ok=False, retries=attempts - 1)
+                return Completion(None, error)
+            text, usage = result
+            self._count(retries=attempts - 1, usage=usage)
+            return Completion(text)
 
     async def _post(self, session: aiohttp.ClientSession, body: bytes) -> tuple[str, Any]:
         payload = await post_chat(session, self.url, body, self.timeout)
