@@ -16,7 +16,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 from PIL import Image
@@ -267,10 +266,3 @@ def shards_to_extract(store, dataset: str, cfg: ExpertsConfig) -> tuple[list[int
                  and marker.get("input_marker") == _input_fingerprint(raw_marker))
         (done if fresh else todo).append(shard)
     return todo, done, waiting
-
-
-def summary_counts(stats: list[dict[str, Any]]) -> dict:
-    total: Counter = Counter()
-    for s in stats:
-        total.update(s["counts"])
-    return dict(total)

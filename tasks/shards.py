@@ -71,11 +71,6 @@ def read_marker(store: ArtifactStore, dataset: str, stage: str, shard: int) -> d
         return None
 
 
-def is_done(store: ArtifactStore, dataset: str, stage: str, shard: int, config_hash: str) -> bool:
-    marker = read_marker(store, dataset, stage, shard)
-    return marker is not None and marker.get("config_hash") == config_hash
-
-
 def write_marker(store: ArtifactStore, dataset: str, stage: str, shard: int, stats: dict) -> None:
     store.put_json(stage_key(dataset, stage, shard, "stats.json"), {**stats, "finished_at": time.time()})
 
