@@ -32,7 +32,7 @@ from infra.loopback_server import ImageServer  # noqa: E402
 from infra.models import load_backend  # noqa: E402
 from infra.settings import DownloadConfig, ExpertsConfig, ImageConfig, IngestConfig, InputSpec  # noqa: E402
 from infra.store import LocalStore  # noqa: E402
-from tasks.extract import _read_images, extract_shard, plan_experts  # noqa: E402
+from tasks.extract import extract_shard, plan_experts, read_shard_images  # noqa: E402
 from tasks.ingest import ingest_shard, plan_ingest  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         store = LocalStore(Path(tmp) / "store")
         shards = ingest_photos(store, args.images, args.shard_size)
         images = [Image.open(io.BytesIO(b)).convert("RGB") for s in shards
-                  for b in _read_images(store, "bench", s).values()]
+                  for b in read_shard_images(store, "bench", s).values()]
         rows += direct_per_expert(images, cfg, models)
         seconds, _ = timed(lambda: [extract_shard(store.uri, "bench", s, cfg, models) for s in shards])
         rows.append({"what": "whole stage (extract_shard)", "mode": "direct, 1 process", "images": len(images),

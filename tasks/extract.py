@@ -105,7 +105,7 @@ def plan_experts(cfg: ExpertsConfig, models_dir: str) -> ExpertPlan:
     )
 
 
-def _read_images(store, dataset: str, shard: int) -> dict[str, bytes]:
+def read_shard_images(store, dataset: str, shard: int) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory(prefix="capfactory-") as tmp:
         local = Path(tmp) / "shard.tar"
         store.get_file(stage_key(dataset, RAW, shard, "tar"), local)
@@ -187,7 +187,7 @@ def extract_shard(store_uri: str, dataset: str, shard: int, cfg: ExpertsConfig, 
     if raw_marker is None:
         raise RuntimeError(f"raw shard {shard:05d} of {dataset} is not finished; run ingest first")
     raw = store.get_parquet(stage_key(dataset, RAW, shard, "parquet"), columns=["key", "status"])
-    images = _read_images(store, dataset, shard)
+    images = read_shard_images(store, dataset, shard)
     runner = ExpertRunner(plan_experts(cfg, models_dir), cfg)
 
     rows: dict[str, dict] = {}

@@ -84,9 +84,9 @@ def _clean(text: str | None) -> str:
 
 def _strip_injection(text: str | None) -> tuple[str | None, str | None]:
     """Remove the sentences of `text` that carry instructions; returns (clean text, what was found)."""
-    if not text or not find_injection(text):
+    found = find_injection(text) if text else None
+    if not found:
         return text, None
-    found = find_injection(text)
     kept = [s for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s and not find_injection(s)]
     return " ".join(kept) or None, found
 
@@ -239,10 +239,10 @@ def fuse_shard(store_uri: str, dataset: str, shard: int, cfg: FuseConfig) -> dic
                                  e.get("caption_synthetic")))
     todo = [i for i, r in enumerate(raw_rows) if r["status"] == "ok"]
     if cfg.mode == "rank-and-fuse":
-        from tasks.extract import _read_images
+        from tasks.extract import read_shard_images
 
         scorer = load_backend("clip", "open_clip", model=cfg.clip.model, pretrained=cfg.clip.pretrained)
-        rank_candidates([inputs[i] for i in todo], _read_images(store, dataset, shard), scorer)
+        rank_candidates([inputs[i] for i in todo], read_shard_images(store, dataset, shard), scorer)
 
     # One prompt per (sample, output); completions already in the cache are not requested again.
     requests: list[tuple[int, str, list[dict], str]] = []
