@@ -254,23 +254,358 @@ def fuse(
 
 
 @app.command()
+def build(
+    spec: Annotated[Path, typer.Argument(help="YAML dataset spec")],
+    stages: Annotated[str | None, typer.Option(help="comma list of stages to run [the spec's `stages`: all]")] = None,
+    store: Annotated[str | None, typer.Option(help="artifact store: a folder or s3://bucket/prefix")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="attach to this Dask scheduler")] = None,
+    workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes [cores]")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the summary as JSON here")] = None,
+) -> None:
+    """Run every stage the spec names, in order (ingest, extract, fuse, translate, score, validate, publish,
+    report), each skipping its finished shards: the same command builds, resumes and refreshes a dataset."""
+    from flows.build import run_build, selected_stages
+    from infra.models import ModelUnavailable
+
+    ds = resolve_spec(spec, None, [], {}, {"store": store})
+    chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    try:
+        selected_stages(ds, chosen)
+        result = run_build(ds, chosen, dask_address=dask_address, workers=workers, progress=sys.stderr.isatty())
+    except (InputError, ModelUnavailable, StoreError, SpecError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    typer.echo(f"\ndataset {result['dataset']} in {result['store']}")
+    for stage, seconds in result["seconds"].items():
+        counts = result["stages"].get(stage, {}).get("counts")
+        typer.echo(f"  {stage:<10} {seconds:8.1f} s" + (f"  {counts}" if counts else ""))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1, default=str))
+
+
+@app.command()
+def deploy(
+    spec: Annotated[Path | None, typer.Option(help="dataset spec for every deployment [prefect.yaml's]")] = None,
+    pool: Annotated[str | None, typer.Option(help="work pool (created as a process pool if missing) "
+                                                  "[prefect.yaml's: capfactory]")] = None,
+    name: Annotated[list[str] | None, typer.Option(help="only this deployment (repeatable) [all]")] = None,
+) -> None:
+    """Register prefect.yaml's deployments (build, refresh on a schedule, one per stage) on $PREFECT_API_URL."""
+    from prefect.settings import PREFECT_API_URL
+
+    from infra.deploy import DeployError, register_deployments
+
+    if not PREFECT_API_URL.value():
+        _fail("set PREFECT_API_URL to the Prefect server to deploy to (or run `capfactory serve`)")
+    try:
+        ids = register_deployments(spec=spec, pool=pool, names=name)
+    except DeployError as e:
+        _fail(str(e))
+    for full_name in ids:
+        typer.echo(f"deployed {full_name}")
+    typer.echo(f"start a worker: prefect worker start --pool {pool or 'capfactory'} (with CAPFACTORY_PROJECT_DIR "
+               "set to the project folder)")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="address of the Prefect server and UI")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the Prefect server and UI")] = 4200,
+    spec: Annotated[Path | None, typer.Option(help="dataset spec for every deployment [prefect.yaml's]")] = None,
+    pool: Annotated[str, typer.Option(help="work pool the local worker serves")] = "capfactory",
+) -> None:
+    """A local Prefect server (SQLite, UI) with the deployments registered and a process worker, until Ctrl-C."""
+    import signal
+    import threading
+
+    from infra.deploy import DeployError, local_stack
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with local_stack(host=host, port=port, pool=pool, spec=spec) as stack:
+            typer.echo(f"Prefect UI: {stack.ui_url}  (API {stack.api_url}); {len(stack.deployments)} deployments "
+                       f"on pool {pool!r}. Run one: PREFECT_API_URL={stack.api_url} prefect deployment run "
+                       f"{next(iter(stack.deployments))}. Ctrl-C stops everything.")
+            while not stop.is_set() and stack.server.poll() is None and stack.worker.poll() is None:
+                stop.wait(1)
+            if not stop.is_set():
+                _fail("the Prefect server or worker exited; see its output above")
+    except KeyboardInterrupt:
+        typer.echo("stopping the worker and the server", err=True)
+    except DeployError as e:
+        _fail(str(e))
+
+
+@app.command()
+def score(
+    dataset: Annotated[str | None, typer.Option(help="dataset name (folder in the store)")] = None,
+    spec: Annotated[Path | None, typer.Option(help="YAML dataset spec; command-line options override it")] = None,
+    store: Annotated[str | None, typer.Option(help="artifact store: a folder or s3://bucket/prefix")] = None,
+    profile: Annotated[str | None, typer.Option(help="cpu|gpu: cpu has CLIP off by default [cpu]")] = None,
+    models_dir: Annotated[str | None, typer.Option(help="local models folder [$CAPFACTORY_MODELS_DIR or "
+                                                        "./models]")] = None,
+    clip_backend: Annotated[str | None, typer.Option(help="open_clip: turn CLIP scores on")] = None,
+    clip_model: Annotated[str | None, typer.Option(help="open_clip architecture [ViT-B-32]")] = None,
+    clip_pretrained: Annotated[str | None, typer.Option(help="open_clip tag or local checkpoint file "
+                                                             "[laion2b_s34b_b79k]")] = None,
+    multilingual: Annotated[bool | None, typer.Option("--multilingual/--no-multilingual",
+                                                      help="the CLIP model is multilingual: score translations")]
+    = None,
+    nsfw: Annotated[bool | None, typer.Option("--nsfw/--no-nsfw", help="open_nsfw scores [on]")] = None,
+    semdedup: Annotated[bool | None, typer.Option("--semdedup/--no-semdedup", help="semantic dedup [on]")] = None,
+    semdedup_eps: Annotated[float | None, typer.Option(help="duplicates: cosine > 1 - eps [0.05]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="images per model call [32]")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="attach to this Dask scheduler")] = None,
+    workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes [cores]")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the summary as JSON here")] = None,
+) -> None:
+    """Score samples (CLIP image-text similarity, NSFW, language) and find semantic duplicates; deletes nothing."""
+    from infra.models import ModelUnavailable
+    from infra.settings import Settings
+
+    overrides = {
+        "store": store, "quality.profile": profile, "quality.clip.backend": clip_backend,
+        "quality.clip.model": clip_model, "quality.clip.pretrained": clip_pretrained,
+        "quality.multilingual": multilingual, "quality.nsfw": nsfw, "quality.semdedup.enabled": semdedup,
+        "quality.semdedup.eps": semdedup_eps, "quality.batch_size": batch_size,
+    }
+    ds = resolve_spec(spec, dataset, [], {}, overrides)
+    settings = Settings()
+    from flows.score import run_score
+
+    try:
+        result = run_score(ds.name, store=ds.store or settings.store, config=ds.quality,
+                           models_dir=models_dir or settings.models_dir,
+                           dask_address=dask_address or settings.dask_address,
+                           workers=workers or settings.dask_workers, progress=sys.stderr.isatty())
+    except (ModelUnavailable, StoreError, SpecError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"\ndataset {result['dataset']} in {result['store']}: scored {len(result['shards_scored'])} shards, "
+               f"{len(result['shards_already_done'])} already done")
+    typer.echo("  status: " + (", ".join(f"{k}={v}" for k, v in sorted(result["counts"].items())) or "nothing to do"))
+    for role, model in result["models"].items():
+        typer.echo(f"  {role}: {model}")
+    typer.echo(f"  images embedded {result['images_embedded']}, embeddings reused {result['embeddings_reused']}; "
+               f"semantic dedup: {result['semdedup']}")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1, default=str))
+
+
+def _print_translate_summary(result: dict) -> None:
+    typer.echo(f"\ndataset {result['dataset']} in {result['store']}: translated "
+               f"{len(result['shards_translated'])} shards, {len(result['shards_already_done'])} already done, "
+               f"{len(result['shards_waiting'])} waiting for ingest/fuse")
+    typer.echo("  rows: " + (", ".join(f"{k}={v}" for k, v in sorted(result["counts"].items())) or "nothing to do"))
+    typer.echo("  languages: " + ", ".join(f"{k}={v}" for k, v in sorted(result["languages"].items())))
+    if result["qe_reasons"]:
+        typer.echo("  QE flags: " + ", ".join(f"{k}={v}" for k, v in sorted(result["qe_reasons"].items())))
+    typer.echo(f"  translator calls {result['translator_calls']}, cache hits {result['cache_hits']}")
+    for k, v in result["provenance"].items():
+        typer.echo(f"  {k}: {v}")
+
+
+def _comma_list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command()
+def translate(
+    dataset: Annotated[str | None, typer.Option(help="dataset name (folder in the store)")] = None,
+    spec: Annotated[Path | None, typer.Option(help="YAML dataset spec; command-line options override it")] = None,
+    store: Annotated[str | None, typer.Option(help="artifact store: a folder or s3://bucket/prefix")] = None,
+    languages: Annotated[str | None, typer.Option(help="comma list of target languages, e.g. pt,es,de [pt]")] = None,
+    fields: Annotated[str | None, typer.Option(help="comma list of caption_short,caption_dense,alt_text "
+                                                    "[caption_short]")] = None,
+    allocation: Annotated[str | None, typer.Option(help="all|sample [all]")] = None,
+    per_sample: Annotated[int | None, typer.Option(help="languages per sample with --allocation sample [1]")] = None,
+    distribution: Annotated[str | None, typer.Option(help="mc4|uniform or pt=0.6,es=0.4 [mc4]")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the per-sample language draw [0]")] = None,
+    profile: Annotated[str | None, typer.Option(help="cpu|gpu: default backend [cpu: bergamot]")] = None,
+    backend: Annotated[str | None, typer.Option(help="bergamot|ctranslate2|openai")] = None,
+    model: Annotated[str | None, typer.Option(help="CTranslate2 model folder, or served model name")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (vLLM, llama.cpp server)")] = None,
+    models_dir: Annotated[str | None, typer.Option(help="local models folder [$CAPFACTORY_MODELS_DIR or "
+                                                        "./models]")] = None,
+    round_trip: Annotated[bool | None, typer.Option("--round-trip/--no-round-trip",
+                                                    help="QE by back translation + chrF")] = None,
+    min_chrf: Annotated[float | None, typer.Option(help="round-trip chrF below this is flagged [35]")] = None,
+    drop_failed: Annotated[bool | None, typer.Option("--drop-failed/--keep-failed",
+                                                     help="publish leaves flagged translations out")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="requests/threads in flight per shard [8]")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="attach to this Dask scheduler")] = None,
+    workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes [cores]")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the summary as JSON here")] = None,
+) -> None:
+    """Machine-translate fused captions (and/or alt-text) with quality estimation, into translated/."""
+    from infra.models import ModelUnavailable
+    from infra.settings import Settings
+
+    if distribution and "=" in distribution:
+        try:
+            dist: Any = {k.strip(): float(v) for k, v in (item.split("=", 1) for item in _comma_list(distribution))}
+        except ValueError:
+            _fail(f"--distribution {distribution!r}: expected mc4, uniform or lang=weight,lang=weight")
+    else:
+        dist = distribution
+    overrides = {
+        "store": store, "translate.languages": _comma_list(languages), "translate.fields": _comma_list(fields),
+        "translate.allocation": allocation, "translate.per_sample": per_sample, "translate.distribution": dist,
+        "translate.seed": seed, "translate.profile": profile, "translate.backend": backend, "translate.model": model,
+        "translate.endpoint": endpoint, "translate.round_trip": round_trip, "translate.min_chrf": min_chrf,
+        "translate.drop_failed": drop_failed, "translate.concurrency": concurrency,
+    }
+    ds = resolve_spec(spec, dataset, [], {}, overrides)
+    settings = Settings()
+    from flows.translate import run_translate
+
+    try:
+        result = run_translate(ds.name, store=ds.store or settings.store, config=ds.translate,
+                               models_dir=models_dir or settings.models_dir,
+                               dask_address=dask_address or settings.dask_address,
+                               workers=workers or settings.dask_workers, progress=sys.stderr.isatty())
+    except (ModelUnavailable, StoreError, SpecError, ValueError) as e:
+        _fail(str(e))
+    _print_translate_summary(result)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1, default=str))
+
+
+@app.command()
+def publish(
+    dataset: Annotated[str | None, typer.Option(help="dataset name (folder in the store)")] = None,
+    spec: Annotated[Path | None, typer.Option(help="YAML dataset spec (its quality filters apply)")] = None,
+    store: Annotated[str | None, typer.Option(help="artifact store: a folder or s3://bucket/prefix")] = None,
+    caption_field: Annotated[str | None, typer.Option(help="KEY.txt: caption_short|caption_dense|alt_text "
+                                                           "[caption_short]")] = None,
+    shard_size: Annotated[int | None, typer.Option(help="samples per published tar [1000]")] = None,
+    selected_only: Annotated[bool | None, typer.Option("--selected-only/--all-rows",
+                                                       help="samples.parquet: selected rows only [all rows]")] = None,
+    license_id: Annotated[str | None, typer.Option("--license", help="dataset-card license id [other]")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="attach to this Dask scheduler")] = None,
+    workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes [cores]")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the summary as JSON here")] = None,
+) -> None:
+    """Publish the selected samples as WebDataset shards, every sample as one Parquet table, and a dataset card."""
+    from infra.settings import Settings
+
+    overrides = {"store": store, "publish.caption_field": caption_field, "publish.shard_size": shard_size,
+                 "publish.include_unselected_in_parquet": None if selected_only is None else not selected_only,
+                 "publish.license": license_id}
+    ds = resolve_spec(spec, dataset, [], {}, overrides)
+    settings = Settings()
+    from flows.publish import run_publish
+
+    try:
+        result = run_publish(ds.name, store=ds.store or settings.store, spec=ds,
+                             dask_address=dask_address or settings.dask_address,
+                             workers=workers or settings.dask_workers, progress=sys.stderr.isatty())
+    except (StoreError, SpecError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"\ndataset {result['dataset']}: {result['selected']} of {result['samples']} samples published in "
+               f"{len(result['shards'])} shards under {result['store']}/{result['folder']}/")
+    typer.echo("  filters: " + ", ".join(f"{k}={v}" for k, v in result["filters"].items() if k != "skipped"))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1, default=str))
+
+
+@app.command()
+def report(
+    dataset: Annotated[str | None, typer.Option(help="dataset name (folder in the store)")] = None,
+    spec: Annotated[Path | None, typer.Option(help="YAML dataset spec (its quality filters apply)")] = None,
+    store: Annotated[str | None, typer.Option(help="artifact store: a folder or s3://bucket/prefix")] = None,
+    gallery_size: Annotated[int | None, typer.Option(help="sample thumbnails in the gallery [24]")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="attach to this Dask scheduler")] = None,
+    workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes [cores]")] = None,
+) -> None:
+    """Write the dataset report (plots, filter counts, a sample gallery) to <dataset>/report/index.html."""
+    from infra.settings import Settings
+
+    ds = resolve_spec(spec, dataset, [], {}, {"store": store, "publish.gallery_size": gallery_size})
+    settings = Settings()
+    from flows.report import run_report
+
+    try:
+        result = run_report(ds.name, store=ds.store or settings.store, spec=ds,
+                            dask_address=dask_address or settings.dask_address,
+                            workers=workers or settings.dask_workers)
+    except (StoreError, SpecError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"\nreport of {result['dataset']}: {result['path']}")
+    typer.echo(f"  {result['selected']} of {result['samples']} samples selected; stages run: "
+               f"{', '.join(result['stages_run'])}")
+
+
+@app.command()
+def validate(
+    dataset: Annotated[str | None, typer.Option(help="dataset name (folder in the store)")] = None,
+    spec: Annotated[Path | None, typer.Option(help="YAML dataset spec; command-line options override it")] = None,
+    store: Annotated[str | None, typer.Option(help="artifact store: a folder or s3://bucket/prefix")] = None,
+    on_failure: Annotated[str | None, typer.Option(help="quarantine|fail [quarantine]")] = None,
+    stages: Annotated[str | None, typer.Option(help="comma list of raw,experts,fused,translated,scores "
+                                                    "[every output present]")] = None,
+    drift_reference_shard: Annotated[int | None, typer.Option(help="scores shard the drift checks compare "
+                                                                   "with [the first]")] = None,
+    data_docs: Annotated[bool | None, typer.Option("--data-docs/--no-data-docs", help="build GX data docs")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="attach to this Dask scheduler")] = None,
+    workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes [cores]")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the summary as JSON here")] = None,
+) -> None:
+    """Run the Great Expectations suites on every stage output: quarantine bad rows or fail the run."""
+    from infra.settings import Settings
+    from tasks.validate import ValidationFailed
+
+    overrides = {
+        "store": store, "validation.on_failure": on_failure, "validation.data_docs": data_docs,
+        "validation.stages": [s.strip() for s in stages.split(",") if s.strip()] if stages else None,
+        "validation.drift_reference_shard": drift_reference_shard,
+    }
+    ds = resolve_spec(spec, dataset, [], {}, overrides)
+    settings = Settings()
+    from flows.validate import run_validate
+
+    try:
+        result = run_validate(ds.name, store=ds.store or settings.store, spec=ds,
+                              dask_address=dask_address or settings.dask_address,
+                              workers=workers or settings.dask_workers, progress=sys.stderr.isatty())
+    except (ValidationFailed, StoreError, SpecError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"\ndataset {result['dataset']} in {result['store']}: {result['on_failure']} mode; "
+               f"no output yet: {', '.join(result['skipped_suites']) or '-'}")
+    for suite, s in result["suites"].items():
+        failing = ", ".join(f"{k} x{v}" for k, v in sorted(s["failing_expectations"].items())) or "-"
+        typer.echo(f"  {suite}: {s['passed']}/{s['shards']} shards passed, {s['quarantined_rows']} rows "
+                   f"quarantined; failing: {failing}")
+    if result["data_docs"]:
+        typer.echo(f"  data docs: {result['data_docs']}")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1, default=str))
+
+
+@app.command()
 def demo(
     store: Annotated[str | None, typer.Option(help="artifact store [./capfactory-data]")] = None,
     samples: Annotated[int, typer.Option(help="image URLs to crawl")] = 400,
     dataset: Annotated[str, typer.Option(help="dataset name")] = "demo",
 ) -> None:
-    """Crawl scikit-image's sample photos from a loopback server (with faults mixed in), ingest them, run the
-    vision experts (OCR always; objects and attributes when the models folder has the detector), then fuse."""
+    """Crawl scikit-image's sample photos from a loopback server (with faults mixed in), then run every stage:
+    vision experts (objects and attributes when the models folder has the detector), fusion, translation to
+    Portuguese, scores, Great Expectations, publish and the HTML report."""
     from flows.demo import run_demo
     from infra.models import ModelUnavailable
 
     try:
-        ingested, extracted, fused = run_demo(store=store, samples=samples, dataset=dataset)
-    except (InputError, StoreError, SpecError, ModelUnavailable) as e:
+        result = run_demo(store=store, samples=samples, dataset=dataset)
+    except (InputError, StoreError, SpecError, ModelUnavailable, RuntimeError) as e:
         _fail(str(e))
-    _print_summary(ingested)
-    _print_extract_summary(extracted)
-    _print_fuse_summary(fused)
+    stages = result["stages"]
+    _print_summary(stages["ingest"])
+    _print_extract_summary(stages["extract"])
+    _print_fuse_summary(stages["fuse"])
+    _print_translate_summary(stages["translate"])
+    report = stages["report"]
+    typer.echo(f"\npublished: {report['selected']} of {report['samples']} samples selected "
+               f"({stages['publish']['folder']}); report: {report['path']}")
+    typer.echo("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
 
 
 if __name__ == "__main__":

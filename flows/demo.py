@@ -4,7 +4,8 @@ scikit-image's sample photos (shipped inside its PyPI wheel) are served from a l
 with a few hostile URLs (404, HTML served as JPEG, a truncated JPEG, a decompression bomb, an opt-out, a path
 robots.txt disallows, a redirect loop, a redirect to a link-local address); the ingest flow crawls them into
 the local store with only 127.0.0.0/8 opened in the SSRF guard; then the vision experts run over the shards, and
-the LLM fusion stage writes short and dense captions (SmolLM2-135M in-process).
+the LLM fusion stage writes short and dense captions (SmolLM2-135M in-process), the captions are translated
+to Portuguese (Bergamot), scored (NSFW, language), validated (Great Expectations), published and reported.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from infra.loopback_server import ImageServer
-from infra.settings import DownloadConfig, ExpertsConfig, FuseConfig, IngestConfig, InputSpec, Settings
+from infra.settings import ExpertsConfig, Settings
 from tasks.inputs import InputError
 
 # The photos and an alt-text for each, as a web page might carry it.
@@ -51,31 +52,31 @@ def sample_photos() -> list[Path]:
     return photos
 
 
-def run_demo(store: str | None, samples: int, dataset: str) -> tuple[dict, dict, dict]:
-    """Ingest, then experts, then fusion. Returns the three stages' summaries."""
-    from flows.extract import run_extract
-    from flows.fuse import run_fuse
-    from flows.ingest import run_ingest
+def run_demo(store: str | None, samples: int, dataset: str) -> dict:
+    """Every stage through the `build` flow on one Dask cluster. Returns the build summary."""
+    from flows.build import run_build
 
     photos = sample_photos()
+    models_dir = Settings().models_dir
+    detector = Path(models_dir) / ExpertsConfig().detector.model
+    experts = ["ocr", "objects", "attributes"] if detector.is_file() else ["ocr"]
+    if not detector.is_file():
+        print(f"(no detector model at {detector}: the demo runs OCR only; set CAPFACTORY_MODELS_DIR to a folder "
+              "with detector/yolox_nano.onnx for objects and attributes)")
     with ImageServer(photos, robots_txt=ROBOTS) as server, tempfile.TemporaryDirectory() as tmp:
         urls = server.image_urls(samples) + [server.url(p) for p in FAULTS]
         # Repeated photos carry the same alt-text, so fusion sends each distinct prompt once per shard.
         captions = [PHOTOS[photos[i % len(photos)].name] for i in range(samples)] + ["a photo"] * len(FAULTS)
         url_list = Path(tmp) / "urls.parquet"
         pq.write_table(pa.table({"url": urls, "caption": captions}), url_list)
-        config = IngestConfig(
-            shard_size=max(50, (len(urls) + 1) // 2),
-            download=DownloadConfig(allow_cidrs=("127.0.0.0/8",), total_timeout=10, retries=1, backoff=0.1),
-        )
-        ingested = run_ingest(dataset, [InputSpec(path=str(url_list))], store=store, config=config, progress=True)
-    models_dir = Settings().models_dir
-    detector = Path(models_dir) / ExpertsConfig().detector.model
-    experts = ("ocr", "objects", "attributes") if detector.is_file() else ("ocr",)
-    if not detector.is_file():
-        print(f"(no detector model at {detector}: the demo runs OCR only; set CAPFACTORY_MODELS_DIR to a folder "
-              "with detector/yolox_nano.onnx for objects and attributes)")
-    extracted = run_extract(dataset, store=store, config=ExpertsConfig(experts=experts), models_dir=models_dir,
-                            progress=True)
-    fused = run_fuse(dataset, store=store, config=FuseConfig(), progress=True)
-    return ingested, extracted, fused
+        spec = {
+            "name": dataset,
+            "store": store or Settings().store,
+            "inputs": [{"path": str(url_list)}],
+            "ingest": {"shard_size": max(50, (len(urls) + 1) // 2),
+                       "download": {"allow_cidrs": ["127.0.0.0/8"], "total_timeout": 10, "retries": 1,
+                                    "backoff": 0.1}},
+            "experts": {"experts": experts},
+            "translate": {"languages": ["pt"]},
+        }
+        return run_build(spec, progress=True)

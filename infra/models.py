@@ -20,13 +20,21 @@ BACKENDS: dict[str, dict[str, str]] = {
     "ocr": {"rapidocr": "tasks.ocr:RapidOCRBackend", "paddleocr": "tasks.ocr:PaddleOCRBackend"},
     "detector": {"yolox-onnx": "tasks.detect:YoloxOnnxDetector", "owlv2": "tasks.detect:Owlv2Detector"},
     "clip": {"open_clip": "tasks.attributes:OpenClipScorer"},
+    "nsfw": {"open_nsfw": "tasks.safety:OpenNsfwClassifier"},
     "captioner": {"openai": "tasks.caption:OpenAICaptioner", "transformers": "tasks.caption:TransformersCaptioner"},
     "llm": {"llamacpp": "tasks.llm:LlamaCppLLM", "openai": "tasks.llm:OpenAILLM", "vllm": "tasks.llm:VllmLLM"},
+    "translator": {"bergamot": "tasks.translators:BergamotTranslator",
+                   "ctranslate2": "tasks.translators:CTranslate2Translator",
+                   "openai": "tasks.translators:OpenAITranslator"},
 }
 # The backend each role uses by default in each profile. None: the role is off unless configured.
 PROFILES: dict[str, dict[str, str | None]] = {
-    "cpu": {"ocr": "rapidocr", "detector": "yolox-onnx", "clip": None, "captioner": None, "llm": "llamacpp"},
-    "gpu": {"ocr": "paddleocr", "detector": "owlv2", "clip": "open_clip", "captioner": "openai", "llm": "vllm"},
+    "cpu": {"ocr": "rapidocr", "detector": "yolox-onnx", "clip": None, "captioner": None, "llm": "llamacpp",
+            "translator": "bergamot",
+            "nsfw": "open_nsfw"},
+    "gpu": {"ocr": "paddleocr", "detector": "owlv2", "clip": "open_clip", "captioner": "openai", "llm": "vllm",
+            "translator": "ctranslate2",
+            "nsfw": "open_nsfw"},
 }
 
 

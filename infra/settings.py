@@ -203,6 +203,169 @@ class FuseConfig(_Strict):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class TranslateConfig(_Strict):
+    """Machine translation of captions (tasks/translate.py): which fields, into which languages (every sample into
+    every language, or k languages per sample drawn reproducibly from a distribution such as mBLIP's mC4 shares),
+    by which backend, and the quality-estimation thresholds a translation must pass."""
+
+    fields: tuple[Literal["caption_short", "caption_dense", "alt_text"], ...] = Field(
+        default=("caption_short",), min_length=1, description="source columns (caption_* need the fused stage)")
+    source_language: str = "en"
+    languages: tuple[str, ...] = Field(default=("pt",), min_length=1, description="ISO 639-1/-3 or NLLB codes")
+    allocation: Literal["all", "sample"] = Field(default="all", description="all: every sample into every "
+                                                 "language; sample: `per_sample` languages drawn per sample")
+    per_sample: int = Field(default=1, ge=1, description="languages per sample when allocation is sample")
+    distribution: str | dict[str, float] = Field(default="mc4", description="'mc4' (mBLIP's choice: mC4 shares, "
+                                                 "restricted to `languages`), 'uniform', or {lang: weight}")
+    seed: int = 0
+    profile: Literal["cpu", "gpu"] = "cpu"
+    backend: str | None = Field(default=None, description="bergamot | ctranslate2 | openai (default: by profile)")
+    model: str | None = Field(default=None, description="CTranslate2 model folder (path or name under models_dir), "
+                              "or the served model name for openai")
+    endpoint: str | None = Field(default=None, description="OpenAI-compatible base URL for the openai backend")
+    segment: bool = Field(default=True, description="translate multi-sentence text sentence by sentence")
+    drop_failed: bool = Field(default=True, description="leave flagged translations out of the published set "
+                              "(translated/ always keeps them with their reasons)")
+    min_length_ratio: float = Field(default=0.45, gt=0, description="translation/source characters, lower bound")
+    max_length_ratio: float = Field(default=2.2, gt=0, description="upper bound")
+    round_trip: bool = Field(default=False, description="translate back and score chrF against the source")
+    min_chrf: float = Field(default=35.0, ge=0, le=100, description="round-trip chrF below this is flagged")
+    batch_size: int = Field(default=64, ge=1, le=100_000, description="segments per backend call")
+    concurrency: int = Field(default=8, ge=1, le=4096, description="requests/threads in flight per shard task")
+    timeout: float = Field(default=120.0, gt=0)
+
+    @field_validator("source_language")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        from tasks.translate import canonical_language
+
+        return canonical_language(value)
+
+    @field_validator("languages")
+    @classmethod
+    def _languages(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from tasks.translate import canonical_language
+
+        return tuple(dict.fromkeys(canonical_language(v) for v in value))
+
+    @field_validator("distribution")
+    @classmethod
+    def _distribution(cls, value: str | dict[str, float]) -> str | dict[str, float]:
+        from tasks.translate import PRESETS, canonical_language
+
+        if isinstance(value, str):
+            if value not in PRESETS:
+                raise ValueError(f"unknown preset {value!r} (known: {', '.join(PRESETS)}; or a {{lang: weight}} map)")
+            return value
+        if any(w < 0 for w in value.values()) or not any(w > 0 for w in value.values()):
+            raise ValueError("weights must be >= 0 with at least one > 0")
+        return {canonical_language(k): float(w) for k, w in sorted(value.items())}
+
+    def config_hash(self) -> str:
+        """What changes translated/: not the performance knobs, nor drop_failed (read by publish)."""
+        data = self.model_dump(mode="json", exclude={"batch_size", "concurrency", "timeout", "drop_failed"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class QualityConfig(_Strict):
+    """Scores (CLIP, NSFW, language), semantic dedup and the filters applied as views (tasks/score.py,
+    tasks/safety.py, tasks/semdedup.py, tasks/filters.py)."""
+
+    class SemDedup(_Strict):
+        """SemDeDup on the CLIP image embeddings: k-means, then near-duplicates inside each cluster."""
+
+        enabled: bool = True
+        clusters: int | None = Field(default=None, ge=1, description="k-means clusters (default: about sqrt(n))")
+        eps: float = Field(default=0.05, gt=0, lt=1, description="duplicates: cosine similarity > 1 - eps")
+        seed: int = 0
+        iterations: int = Field(default=30, ge=1, le=1000)
+
+    class Filters(_Strict):
+        """Selection views applied at publish time; samples are never deleted, only marked."""
+
+        clip_min: dict[Literal["alt", "short", "dense"], float] | Literal["laion"] | None = Field(
+            default=None, description="{field: min CLIP score}, or 'laion' (alt-text >= 0.28 English, 0.26 else)")
+        clip_top_percent: dict[Literal["alt", "short", "dense"], float] = Field(
+            default={}, description="{field: percent}: keep the top k % by CLIP score (DataComp)")
+        datacomp_basic: bool = Field(default=False, description="English alt-text, > 2 words, side >= 200, "
+                                                                "aspect <= 3")
+        min_size: int | None = Field(default=None, ge=1, description="smallest side of the original image")
+        max_aspect: float | None = Field(default=None, ge=1.0)
+        languages: tuple[str, ...] = Field(default=(), description="allowed alt-text languages (empty: any)")
+        nsfw_max: float | None = Field(default=None, ge=0, le=1)
+        drop_duplicates: bool = Field(default=True, description="drop ingest's exact / near duplicates")
+        drop_semdedup: bool = Field(default=True, description="drop semantic duplicates")
+
+        @field_validator("clip_top_percent")
+        @classmethod
+        def _percent(cls, value: dict) -> dict:
+            for field, pct in value.items():
+                if not 0 < pct <= 100:
+                    raise ValueError(f"{field}: a percentage in (0, 100], got {pct}")
+            return value
+
+    profile: Literal["cpu", "gpu"] = "cpu"
+    clip: ClipConfig = Field(default=ClipConfig(), description="image-text scorer (default: off in the cpu profile)")
+    multilingual: bool = Field(default=False, description="the clip model is multilingual: it scores translations")
+    clip_translations: ClipConfig | None = Field(
+        default=None, description="a multilingual CLIP for translations and non-English alt-text, e.g. "
+                                  "xlm-roberta-base-ViT-B-32 + laion5b_s13b_b90k")
+    nsfw: bool = True
+    language_id: bool = True
+    semdedup: SemDedup = SemDedup()
+    filters: Filters = Filters()
+    batch_size: int = Field(default=32, ge=1, le=4096, description="images per model call")
+
+    def config_hash(self) -> str:
+        """What changes the score shards: not the filters or semdedup (dataset-wide, after) or the batch size."""
+        data = self.model_dump(mode="json", exclude={"filters", "semdedup", "batch_size"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ValidateConfig(_Strict):
+    """Great Expectations suites per stage output (expectations/, tasks/validate.py)."""
+
+    on_failure: Literal["quarantine", "fail"] = Field(
+        default="quarantine", description="quarantine: set failing rows aside; fail: the run fails")
+    stages: tuple[Literal["raw", "experts", "fused", "translated", "scores"], ...] | None = Field(
+        default=None, description="suites to run (stage output folders); default: every output present")
+    caption_min_chars: int = Field(default=1, ge=1)
+    caption_max_chars: int = Field(default=2000, ge=1)
+    alt_text_max_chars: int = Field(default=4000, ge=1)
+    translation_lang_match_mostly: float = Field(
+        default=0.9, ge=0, le=1, description="share of translations whose detected language must be the target")
+    drift_reference_shard: int | None = Field(
+        default=None, ge=0, description="scores shard the drift checks compare with (default: the first one)")
+    drift_tolerance: float = Field(default=0.1, gt=0, description="allowed shift of a score's mean and median")
+    drift_max_kl: float = Field(default=0.5, gt=0, description="KL divergence bound against the reference")
+    drift_min_rows: int = Field(default=30, ge=1, description="fewer scored rows in a shard: no drift check")
+    data_docs: bool = Field(default=True, description="build GX data docs into <dataset>/validation/data_docs/")
+
+    def config_hash(self) -> str:
+        data = self.model_dump(mode="json", exclude={"data_docs"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class PublishConfig(_Strict):
+    """The published dataset and its report (tasks/publish.py, tasks/report.py)."""
+
+    caption_field: Literal["caption_short", "caption_dense", "alt_text"] = Field(
+        default="caption_short", description="the caption in KEY.txt; the alt-text stands in where it is empty")
+    shard_size: int = Field(default=1000, ge=1, le=1_000_000, description="samples per published tar")
+    include_unselected_in_parquet: bool = Field(default=True, description="samples.parquet keeps filtered rows")
+    license: str = Field(default="other", pattern=r"^[a-z0-9.-]+$",
+                         description="dataset-card license id (the images keep their owners' rights)")
+    description: str | None = Field(default=None, description="dataset-card summary paragraph")
+    gallery_size: int = Field(default=24, ge=0, le=500, description="report: sample thumbnails shown")
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+StageName = Literal["ingest", "extract", "fuse", "translate", "score", "validate", "publish", "report"]
+STAGES: tuple[StageName, ...] = ("ingest", "extract", "fuse", "translate", "score", "validate", "publish", "report")
+
+
 InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "folder"]
 Preset = Literal["auto", "laion", "cc3m", "wit", "generic"]
 
@@ -222,6 +385,11 @@ class DatasetSpec(_Strict):
     ingest: IngestConfig = IngestConfig()
     experts: ExpertsConfig = ExpertsConfig()
     fuse: FuseConfig = FuseConfig()
+    translate: TranslateConfig = TranslateConfig()
+    quality: QualityConfig = QualityConfig()
+    validation: ValidateConfig = ValidateConfig()
+    publish: PublishConfig = PublishConfig()
+    stages: tuple[StageName, ...] = Field(default=STAGES, description="what `capfactory build` runs, in order")
 
     @field_validator("name")
     @classmethod

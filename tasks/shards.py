@@ -72,7 +72,11 @@ def read_marker(store: ArtifactStore, dataset: str, stage: str, shard: int) -> d
 
 
 def write_marker(store: ArtifactStore, dataset: str, stage: str, shard: int, stats: dict) -> None:
-    store.put_json(stage_key(dataset, stage, shard, "stats.json"), {**stats, "finished_at": time.time()})
+    """The done marker, written last. It records the Prefect flow run that made the shard (provenance)."""
+    from prefect.runtime import flow_run
+
+    store.put_json(stage_key(dataset, stage, shard, "stats.json"),
+                   {**stats, "flow_run_id": flow_run.id, "finished_at": time.time()})
 
 
 class TarWriter:

@@ -1,0 +1,181 @@
+"""The checkpoint runner: builds a stage's suite for one shard, runs it through a GX Checkpoint on the pandas table
+in an ephemeral context (nothing on disk), and turns the result into failures with the row positions they name.
+`build_data_docs` renders stored results into a GX data docs site in a local folder.
+
+A failed expectation either names rows (map expectations: GX's `unexpected_index_list` with result format
+COMPLETE, here row positions) or is about the whole table (schema, row count, drift, an expectation that raised).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import great_expectations as gx
+import pandas as pd
+import pyarrow as pa
+from great_expectations.core.expectation_validation_result import ExpectationSuiteValidationResultSchema
+from great_expectations.core.run_identifier import RunIdentifier
+from great_expectations.data_context.types.base import ProgressBarsConfig
+from great_expectations.data_context.types.resource_identifiers import (
+    ExpectationSuiteIdentifier,
+    ValidationResultIdentifier,
+)
+
+from expectations import experts, fused, raw, scores, translated
+from expectations.common import SuiteInputs
+
+# Suite name (= the stage's output folder in the store) -> its module, in pipeline order.
+SUITES = {m.SUITE: m for m in (raw, experts, fused, translated, scores)}
+SITE = "capfactory"
+MAX_EXAMPLES = 3
+MAX_EXAMPLE_CHARS = 120
+# Full per-row lists are large and already kept as the quarantined rows; the partial ones (20) stay for the docs.
+_BULKY = ("unexpected_list", "unexpected_index_list", "unexpected_index_query")
+
+
+@dataclass
+class Failure:
+    expectation: str
+    column: str | None
+    rows: list[int] | None  # row positions in the table; None: the expectation is about the whole table
+    unexpected_count: int | None = None
+    examples: list = field(default_factory=list)
+    observed: object = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.expectation}({self.column})" if self.column else self.expectation
+
+    def describe(self) -> str:
+        if self.rows is not None:
+            return f"{self.name}: {self.unexpected_count} rows, e.g. {self.examples}"
+        return f"{self.name}: observed {_plain(self.observed)!r}"
+
+    def to_json(self) -> dict:
+        return {"expectation": self.expectation, "column": self.column,
+                "kind": "table" if self.rows is None else "rows", "unexpected_count": self.unexpected_count,
+                "examples": self.examples, "observed": _plain(self.observed)}
+
+
+@dataclass
+class SuiteRun:
+    suite: str
+    success: bool
+    evaluated: int
+    failures: list[Failure]
+    gx_result: dict  # the GX validation result as JSON, without the full per-row lists
+
+    @property
+    def table_failures(self) -> list[Failure]:
+        return [f for f in self.failures if f.rows is None]
+
+    def bad_rows(self) -> dict[int, list[str]]:
+        """Row position -> the row-level expectations it failed."""
+        out: dict[int, list[str]] = {}
+        for f in self.failures:
+            for row in f.rows or ():
+                out.setdefault(row, []).append(f.name)
+        return out
+
+
+def _plain(value):
+    """JSON-able form of GX's observed values (numpy scalars, tuples)."""
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _example(value):
+    value = _plain(value)
+    if isinstance(value, str) and len(value) > MAX_EXAMPLE_CHARS:
+        return value[:MAX_EXAMPLE_CHARS] + "..."
+    return value
+
+
+def _context():
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    return context
+
+
+def _columns(expectation) -> list[str]:
+    names = [getattr(expectation, a, None) for a in ("column", "column_A", "column_B")]
+    return [n for n in names if n] + list(getattr(expectation, "column_list", None) or ())
+
+
+def to_frame(table: pa.Table) -> pd.DataFrame:
+    """The table as pandas with a RangeIndex, so GX's unexpected indexes are row positions."""
+    return table.to_pandas().reset_index(drop=True)
+
+
+def run_suite(suite: str, frame: pd.DataFrame, inputs: SuiteInputs, batch: str) -> SuiteRun:
+    """Validate `frame` (one shard of stage output `suite`) with the suite built for it."""
+    module = SUITES[suite]
+    prepare = getattr(module, "prepare", None)
+    frame = prepare(frame) if prepare else frame
+    # Expectations on a missing column are left out: the schema expectation names the missing columns.
+    wanted = [e for e in module.expectations(inputs) if all(c in frame.columns for c in _columns(e))]
+    context = _context()
+    batch_definition = (context.data_sources.add_pandas("capfactory").add_dataframe_asset(suite)
+                        .add_batch_definition_whole_dataframe(batch))
+    gx_suite = context.suites.add(gx.ExpectationSuite(name=suite))
+    for expectation in wanted:
+        gx_suite.add_expectation(expectation)
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name=f"{suite}/{batch}", data=batch_definition, suite=gx_suite))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name=f"{suite}-checkpoint", validation_definitions=[definition],
+        result_format={"result_format": "COMPLETE"}))
+    outcome = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=RunIdentifier(
+        run_name=f"{suite}-{batch}", run_time=dt.datetime.now(dt.UTC)))
+    result = next(iter(outcome.run_results.values()))
+    failures = []
+    for r in result.results:
+        if r.success:
+            continue
+        config = r.expectation_config
+        column = config.kwargs.get("column") or ",".join(
+            config.kwargs.get("column_list") or [c for c in (config.kwargs.get("column_A"),
+                                                             config.kwargs.get("column_B")) if c])
+        info = r.exception_info or {}
+        if info.get("raised_exception"):
+            failures.append(Failure(config.type, column or None, None, observed=info.get("exception_message")))
+            continue
+        res = r.result or {}
+        rows = res.get("unexpected_index_list")
+        failures.append(Failure(
+            config.type, column or None, [int(i) for i in rows] if rows is not None else None,
+            res.get("unexpected_count"), [_example(v) for v in (res.get("partial_unexpected_list") or [])[
+                :MAX_EXAMPLES]], res.get("observed_value") if rows is None else None))
+    gx_result = result.to_json_dict()
+    for r in gx_result["results"]:
+        for name in _BULKY:
+            (r.get("result") or {}).pop(name, None)
+    return SuiteRun(suite, bool(result.success), len(wanted), failures, gx_result)
+
+
+def build_data_docs(results: list[dict], out_dir: Path) -> Path:
+    """Render GX validation results (as `SuiteRun.gx_result`) into a data docs site in `out_dir`; returns the
+    index page."""
+    context = _context()
+    context.add_data_docs_site(SITE, {
+        "class_name": "SiteBuilder",
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(out_dir)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    })
+    schema = ExpectationSuiteValidationResultSchema()
+    for data in results:
+        result = schema.load(data)
+        run = result.meta["run_id"]
+        run_id = RunIdentifier(run_name=run["run_name"], run_time=run["run_time"])
+        key = ValidationResultIdentifier(ExpectationSuiteIdentifier(name=result.suite_name), run_id,
+                                         batch_identifier=run["run_name"])
+        context.validation_results_store.set(key, result)
+    context.build_data_docs(site_names=[SITE])
+    return out_dir / "index.html"

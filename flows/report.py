@@ -1,0 +1,42 @@
+"""The `report` flow: the dataset report page, stored beside the data and linked from a Prefect artifact."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from infra.runtime import flow_runtime
+from infra.settings import DatasetSpec, Settings
+from infra.store import open_store
+from tasks.report import write_report
+
+
+@task(name="report", persist_result=False, retries=1, retry_delay_seconds=5)
+def report_task(store_uri: str, dataset: str, spec: DatasetSpec) -> dict:
+    return write_report(open_store(store_uri), dataset, spec)
+
+
+@flow(name="report", log_prints=True)
+def report_flow(dataset: str, store: str | None = None, spec: DatasetSpec | None = None) -> dict:
+    """Write `<dataset>/report/index.html` (plots, filter counts, a gallery) and a summary artifact."""
+    spec = spec or DatasetSpec(name=dataset)
+    store_uri = open_store(store or spec.store or Settings().store).uri
+    result = report_task.submit(store_uri, dataset, spec).result()
+    get_run_logger().info("report of %s: %s", dataset, result["path"])
+    rows = [("samples", result["samples"]), ("selected", result["selected"]),
+            *((f"status {k}", v) for k, v in sorted(result["status"].items())),
+            *((f"filter {k}", v) for k, v in result["filters"].items() if k not in ("selected", "skipped")),
+            ("stages run", ", ".join(result["stages_run"])),
+            ("sections without data", ", ".join(k for k, ran in result["sections"].items() if not ran) or "none")]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    create_markdown_artifact(
+        f"# Report of `{dataset}`\n\n| | |\n|---|---|\n{table}\n\nThe full report (plots and a sample gallery, one "
+        f"self-contained page): [`{result['path']}`]({result['path']})\n",
+        key="dataset-report", description=f"report of {dataset}: {result['path']}")
+    return {"dataset": dataset, "store": store_uri, **result}
+
+
+def run_report(dataset: str, store: str | None = None, spec: DatasetSpec | None = None,
+               dask_address: str | None = None, workers: int | None = None) -> dict:
+    with flow_runtime(dask_address, workers, warm=("tasks.report",)) as runner:
+        return report_flow.with_options(task_runner=runner)(dataset=dataset, store=store, spec=spec)

@@ -1,0 +1,397 @@
+"""Publish: the joined sample table, the filters as a view, and the final WebDataset + Parquet release.
+
+Layout written under `<dataset>/published/`:
+    shard-00000.tar     WebDataset of the selected samples: KEY.jpg (the raw image, unchanged), KEY.txt (the
+                        chosen caption), KEY.json (everything known about the sample)
+    samples.parquet     one row per sample, selected or not, with why it was filtered (`failed_filters`)
+    README.md           a Hugging Face dataset card
+    _published.json     the marker, written last: the shards, counts and config of this release
+
+Publishing is dataset-wide (top-k filters need every row): `plan_publish` joins and filters once and stages the
+table; `publish_shard` writes one tar from the raw tars (by key, never passing bytes between tasks);
+`finish_publish` writes the Parquet, the card and the marker, then removes the tars of a previous, larger release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from infra.settings import DatasetSpec, PublishConfig
+from infra.store import ArtifactStore, StoreError, open_store
+from tasks.extract import EXPERTS_SCHEMA, IMAGE_EXTS
+from tasks.extract import STAGE as EXPERTS
+from tasks.filters import apply_filters
+from tasks.fuse import FUSED_SCHEMA
+from tasks.fuse import STAGE as FUSED
+from tasks.ingest import STAGE as RAW
+from tasks.shards import TarWriter, planned_shards, read_marker, shard_name, stage_key
+from tasks.validate import quarantined_keys, quarantined_translations
+
+STAGE = "published"
+TRANSLATED = "translated"  # folder names of the translate and score stages (see the contracts)
+SCORES = "scores"
+SEMDEDUP_KEY = "{dataset}/scores/_semdedup.parquet"
+EXPERT_COLUMNS = ("ocr_text", "objects", "object_counts", "tags", "caption_synthetic")
+FUSED_COLUMNS = ("caption_short", "caption_dense", "short_passed", "dense_passed")
+SCORE_PREFIXES = ("clip_", "nsfw", "lang_")
+TRANSLATION = pa.struct([("field", pa.string()), ("lang", pa.string()), ("text", pa.string()),
+                         ("status", pa.string()), ("qe_passed", pa.bool_()), ("qe_reasons", pa.list_(pa.string()))])
+PROVENANCE = pa.map_(pa.string(), pa.string())
+
+
+def _marker(dataset: str) -> str:
+    return f"{dataset}/{STAGE}/_published.json"
+
+
+def _plan_key(dataset: str) -> str:
+    return f"{dataset}/{STAGE}/_plan.parquet"
+
+
+def _take_by_key(keys: pa.Array, table: pa.Table, columns: list[str]) -> dict[str, pa.Array]:
+    """`columns` of `table` aligned to `keys` (null where a key has no row); works for nested types too."""
+    idx = pc.index_in(keys, value_set=table.column("key").combine_chunks())
+    return {c: table.column(c).combine_chunks().take(idx) for c in columns}
+
+
+def _read_done(store: ArtifactStore, dataset: str, stage: str, shard: int) -> pa.Table | None:
+    """A stage's table for a shard, only once its done marker exists."""
+    if read_marker(store, dataset, stage, shard) is None:
+        return None
+    try:
+        return store.get_parquet(stage_key(dataset, stage, shard, "parquet"))
+    except StoreError:
+        return None
+
+
+def _pivot_translations(keys: pa.Array, long: pa.Table, drop_failed: bool) -> pa.Array:
+    """The long translated table (one row per key, field, lang) as one list<struct> per key; translations that
+    failed (no text), and flagged ones with `drop_failed`, are left out."""
+    by_key: dict[str, list[dict]] = {}
+    for r in long.select(["key", *TRANSLATION.names]).to_pylist():
+        if r["text"] is None or r["status"] == "error" or (drop_failed and r["status"] != "ok"):
+            continue
+        by_key.setdefault(r["key"], []).append({n: r[n] for n in TRANSLATION.names})
+    return pa.array([by_key.get(k, []) for k in keys.to_pylist()], pa.list_(TRANSLATION))
+
+
+def _provenance(keys: list[str], parts: dict[str, pa.Table | None], runs: dict[str, str]) -> pa.Array:
+    """One map per sample: each stage's provenance entries prefixed with the stage name, and the Prefect flow run
+    that made the sample's shard in each stage (`<stage>.flow_run_id`, from the done markers)."""
+    merged: list[dict[str, str]] = [{f"{stage}.flow_run_id": run for stage, run in runs.items()} for _ in keys]
+    index = {k: i for i, k in enumerate(keys)}
+    for stage, table in parts.items():
+        if table is None or "provenance" not in table.column_names:
+            continue
+        for key, prov in zip(table.column("key").to_pylist(), table.column("provenance").to_pylist(), strict=True):
+            if key in index and prov:
+                merged[index[key]].update({f"{stage}.{k}": v for k, v in prov if v is not None})
+    return pa.array([sorted(m.items()) for m in merged], PROVENANCE)
+
+
+def _shard_columns(store: ArtifactStore, dataset: str, shard: int, drop_failed: bool,
+                   semdedup: pa.Table | None) -> tuple[pa.Table, dict[str, dict[str, pa.Array]]]:
+    raw = store.get_parquet(stage_key(dataset, RAW, shard, "parquet"))
+    keys = raw.column("key").combine_chunks()
+    stages: dict[str, dict[str, pa.Array]] = {}
+    experts = _read_done(store, dataset, EXPERTS, shard)
+    if experts is not None:
+        stages[EXPERTS] = _take_by_key(keys, experts, list(EXPERT_COLUMNS))
+    fused = _read_done(store, dataset, FUSED, shard)
+    if fused is not None:
+        stages[FUSED] = _take_by_key(keys, fused, list(FUSED_COLUMNS))
+    translated = _read_done(store, dataset, TRANSLATED, shard)
+    if translated is not None:
+        stages[TRANSLATED] = {"translations": _pivot_translations(keys, translated, drop_failed)}
+    scores = _read_done(store, dataset, SCORES, shard)
+    if scores is not None:
+        stages[SCORES] = _take_by_key(keys, scores, [c for c in scores.column_names if c.startswith(SCORE_PREFIXES)])
+    if semdedup is not None:
+        stages["semdedup"] = _take_by_key(keys, semdedup, ["semdedup_duplicate_of"])
+    parts = {RAW: None, EXPERTS: experts, FUSED: fused, TRANSLATED: translated, SCORES: scores}
+    raw = raw.append_column("raw_shard", pa.array([shard] * raw.num_rows, pa.int32()))
+    runs = {stage: marker["flow_run_id"] for stage in (RAW, *(s for s, t in parts.items() if t is not None))
+            if (marker := read_marker(store, dataset, stage, shard)) and marker.get("flow_run_id")}
+    raw = raw.append_column("provenance", _provenance(keys.to_pylist(), parts, runs))
+    return raw, stages
+
+
+def _known_type(stage: str, column: str, seen: dict[str, pa.DataType]) -> pa.DataType:
+    if stage == EXPERTS:
+        return EXPERTS_SCHEMA.field(column).type
+    if stage == FUSED:
+        return FUSED_SCHEMA.field(column).type
+    return seen[column]
+
+
+def joined_table(store: ArtifactStore, dataset: str, shards: list[int] | None = None,
+                 drop_failed_translations: bool = False) -> pa.Table:
+    """Every raw row of the finished raw shards with what each later stage added, joined by key: raw columns,
+    experts, fused captions, `translations`, scores, `semdedup_duplicate_of`, then `raw_shard` and a merged
+    `provenance` map. A stage that ran on no shard contributes no column; one that ran on some shards gives nulls
+    on the others."""
+    done = [s for s in planned_shards(store, dataset) if read_marker(store, dataset, RAW, s) is not None]
+    if shards is not None:
+        done = [s for s in done if s in set(shards)]
+    if not done:
+        raise ValueError(f"dataset {dataset!r} has no ingested shards in {store.uri}; run `capfactory ingest` first")
+    try:
+        semdedup = store.get_parquet(SEMDEDUP_KEY.format(dataset=dataset))
+    except StoreError:
+        semdedup = None
+    per_shard = [_shard_columns(store, dataset, s, drop_failed_translations, semdedup) for s in done]
+    # Columns in stage order, from the union over shards, with their types.
+    order: list[tuple[str, str]] = []
+    seen: dict[str, pa.DataType] = {}
+    for _, stages in per_shard:
+        for stage in (EXPERTS, FUSED, TRANSLATED, SCORES, "semdedup"):
+            for name, arr in stages.get(stage, {}).items():
+                if name not in seen:
+                    seen[name] = arr.type
+                    order.append((stage, name))
+    order.sort(key=lambda sn: (EXPERTS, FUSED, TRANSLATED, SCORES, "semdedup").index(sn[0]))
+    tables = []
+    for raw, stages in per_shard:
+        prov = raw.column("provenance")
+        t = raw.drop_columns(["raw_shard", "provenance"])
+        for stage, name in order:
+            arr = stages.get(stage, {}).get(name)
+            t = t.append_column(name, arr if arr is not None else pa.nulls(raw.num_rows, _known_type(stage, name,
+                                                                                                   seen)))
+        tables.append(t.append_column("raw_shard", raw.column("raw_shard")).append_column("provenance", prov))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _drop_translations(table: pa.Table, quarantined: set[tuple[str, str, str]]) -> tuple[pa.Table, int]:
+    """Leave out the translations validation quarantined (by key, field, lang); returns (table, how many)."""
+    if not quarantined or "translations" not in table.column_names:
+        return table, 0
+    kept, dropped = [], 0
+    for key, items in zip(table.column("key").to_pylist(), table.column("translations").to_pylist(), strict=True):
+        keep = [t for t in items or [] if (key, t["field"], t["lang"]) not in quarantined]
+        dropped += len(items or []) - len(keep)
+        kept.append(keep)
+    index = table.column_names.index("translations")
+    return table.set_column(index, "translations", pa.array(kept, pa.list_(TRANSLATION))), dropped
+
+
+def select_samples(store: ArtifactStore, dataset: str, spec: DatasetSpec) -> tuple[pa.Table, dict]:
+    """The joined table with the quality filters applied (`failed_filters`, `selected`) and what the validation
+    stage quarantined left out: samples (filter name "quarantined") and single translations. Returns (table,
+    counts per filter)."""
+    table = joined_table(store, dataset, drop_failed_translations=spec.translate.drop_failed)
+    table, counts = apply_filters(table, spec.quality)
+    table, dropped = _drop_translations(table, quarantined_translations(store, dataset))
+    quarantined = quarantined_keys(store, dataset)
+    hit = pc.is_in(table.column("key"), value_set=pa.array(sorted(quarantined), pa.string())).to_pylist()
+    failed = [list(f or []) + (["quarantined"] if q else []) for f, q in
+              zip(table.column("failed_filters").to_pylist(), hit, strict=True)]
+    selected = [bool(s) and not q for s, q in zip(table.column("selected").to_pylist(), hit, strict=True)]
+    table = table.set_column(table.column_names.index("failed_filters"), "failed_filters",
+                             pa.array(failed, pa.list_(pa.string())))
+    table = table.set_column(table.column_names.index("selected"), "selected", pa.array(selected, pa.bool_()))
+    counts = {**counts, "quarantined": sum(hit), "selected": sum(selected)}
+    if dropped:
+        counts["quarantined_translations"] = dropped
+    return table, counts
+
+
+def plan_publish(store_uri: str, dataset: str, spec: DatasetSpec) -> dict:
+    """Join and filter the whole dataset, number the selected samples into output shards, and stage the table
+    (`published/_plan.parquet`) the shard tasks read. Removes the release marker first: until `finish_publish`
+    writes it again, the published folder is in the making."""
+    store = open_store(store_uri)
+    store.delete(_marker(dataset))
+    table, counts = select_samples(store, dataset, spec)
+    size = spec.publish.shard_size
+    position = pc.subtract(pc.cumulative_sum(pc.cast(table.column("selected"), pa.int64())), 1)
+    out = pc.if_else(table.column("selected"), pc.cast(pc.divide(position, size), pa.int32()),
+                     pa.scalar(None, pa.int32()))
+    table = table.append_column("published_shard", out)
+    store.put_parquet(_plan_key(dataset), table)
+    n_selected = counts["selected"]
+    shards = math.ceil(n_selected / size)
+    return {"plan": _plan_key(dataset), "samples": table.num_rows, "selected": n_selected, "shards": shards,
+            "shard_samples": {s: min(size, n_selected - s * size) for s in range(shards)}, "filters": counts}
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list) and value and isinstance(value[0], tuple) and len(value[0]) == 2:
+        return {k: _jsonable(v) for k, v in value}  # an Arrow map
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def sample_meta(row: dict) -> dict:
+    """KEY.json: every column of the sample (maps as objects, NaN as null)."""
+    return {k: _jsonable(v) for k, v in row.items()}
+
+
+def chosen_caption(row: dict, field: str) -> str:
+    return row.get(field) or row.get("alt_text") or ""
+
+
+def raw_images(store: ArtifactStore, dataset: str, shard: int, keys: set[str], workdir: Path) -> dict[str, tuple]:
+    """{key: (ext, image bytes)} for `keys` from one raw tar, reading only those members."""
+    local = workdir / f"raw-{shard_name(shard)}.tar"
+    store.get_file(stage_key(dataset, RAW, shard, "tar"), local)
+    found = {}
+    with tarfile.open(local) as tar:
+        for member in tar:
+            key, _, ext = member.name.rpartition(".")
+            if member.isfile() and key in keys and f".{ext.lower()}" in IMAGE_EXTS:
+                found[key] = (ext, tar.extractfile(member).read())
+    local.unlink()
+    return found
+
+
+def publish_shard(store_uri: str, dataset: str, shard: int, plan_key: str, cfg: PublishConfig) -> dict:
+    """Write `published/shard-NNNNN.tar` with the samples the plan numbered into it, images from the raw tars."""
+    started = time.time()
+    store = open_store(store_uri)
+    rows = pq.read_table(pa.BufferReader(store.get_bytes(plan_key)), filters=[("published_shard", "=", shard)])
+    rows = rows.to_pylist()
+    with tempfile.TemporaryDirectory(prefix="capfactory-") as tmp:
+        images: dict[str, tuple] = {}
+        for raw_shard in sorted({r["raw_shard"] for r in rows}):
+            wanted = {r["key"] for r in rows if r["raw_shard"] == raw_shard}
+            images |= raw_images(store, dataset, raw_shard, wanted, Path(tmp))
+        missing = [r["key"] for r in rows if r["key"] not in images]
+        if missing:
+            raise RuntimeError(f"{len(missing)} selected samples have no image in their raw tar (e.g. {missing[0]}); "
+                               "re-run ingest for their shards")
+        writer = TarWriter(Path(tmp))
+        for r in rows:
+            ext, data = images[r["key"]]
+            writer.add_sample(r["key"], ext, data, chosen_caption(r, cfg.caption_field), sample_meta(r))
+        path = writer.finish()
+        size = path.stat().st_size
+        store.put_file(stage_key(dataset, STAGE, shard, "tar"), path)
+    return {"shard": shard, "samples": len(rows), "counts": {"ok": len(rows)}, "bytes": size,
+            "config_hash": cfg.config_hash(), "input_marker": plan_key, "provenance": {},
+            "seconds": round(time.time() - started, 3)}
+
+
+def _unmap(table: pa.Table) -> pa.Table:
+    """Map columns as list<struct<key, value>> (the same data): Hugging Face `datasets` has no map feature."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_map(field.type):
+            arr = table.column(i).combine_chunks()
+            entries = pa.StructArray.from_arrays([arr.keys, arr.items], names=["key", "value"])
+            mask = arr.is_null() if arr.null_count else None
+            table = table.set_column(i, field.name, pa.ListArray.from_arrays(arr.offsets, entries, mask=mask))
+    return table
+
+
+def size_category(n: int) -> str:
+    """The Hugging Face size_categories bucket for n samples."""
+    bounds = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+              (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+    return next((label for bound, label in bounds if n < bound), "n>1T" if n > 10**12 else "1B<n<10B")
+
+
+def languages(table: pa.Table) -> list[str]:
+    """Languages present: the detected alt-text languages and the translation targets."""
+    langs: Counter = Counter()
+    if "lang_alt" in table.column_names:
+        langs.update(v for v in table.column("lang_alt").to_pylist() if v)
+    if "translations" in table.column_names:
+        langs.update(t["lang"] for ts in table.column("translations").to_pylist() for t in ts or [] if t["lang"])
+    return sorted(langs)
+
+
+def stages_run(table: pa.Table) -> list[str]:
+    present = {"experts": "ocr_text", "fuse": "caption_short", "translate": "translations", "score": "nsfw",
+               "semdedup": "semdedup_duplicate_of"}
+    return ["ingest", *(s for s, col in present.items() if col in table.column_names)]
+
+
+def dataset_card(dataset: str, table: pa.Table, plan: dict, spec: DatasetSpec) -> str:
+    """README.md: the Hugging Face card header, then sources, stages, models, filter counts and how to load."""
+    cfg = spec.publish
+    langs = languages(table)
+    header = ["---", f"license: {cfg.license}", "task_categories:", "- image-to-text", "- text-to-image"]
+    if langs:
+        header += ["language:", *(f"- {lang}" for lang in langs)]
+    header += ["size_categories:", f"- {size_category(plan['selected'])}", f"pretty_name: {dataset}",
+               "configs:", "- config_name: default", "  data_files:", "  - split: train", "    path: shard-*.tar",
+               "- config_name: samples", "  data_files:", "  - split: train", "    path: samples.parquet", "---"]
+    sources = Counter(table.column("source").to_pylist()) if "source" in table.column_names else Counter()
+    models = Counter(k + ": " + v for m in table.column("provenance").to_pylist() for k, v in m or []
+                     if not k.endswith("config_hash"))
+    filters = {k: v for k, v in plan["filters"].items() if k not in ("selected", "skipped")}
+    lines = [
+        f"# {dataset}", "",
+        cfg.description or "Image-text pairs built by capfactory: web alt-text enriched with vision experts, "
+        "LLM-fused captions, translations and quality scores, filtered as configured below.", "",
+        f"{plan['selected']} of {plan['samples']} samples are selected and in the WebDataset shards "
+        f"(`shard-*.tar`, {plan['shards']} shards); `samples.parquet` lists "
+        f"{'every sample, with why it was filtered' if cfg.include_unselected_in_parquet else 'the selected ones'}.",
+        f"The caption in `KEY.txt` is `{cfg.caption_field}` (the alt-text where it is empty).", "",
+        "## Sources", "", *(f"- {s or 'unknown'}: {n} samples" for s, n in sources.most_common(20)), "",
+        "## Stages and models", "", f"Stages that ran: {', '.join(stages_run(table))}.", "",
+        *(f"- {m} ({n} samples)" for m, n in sorted(models.items())), "",
+        "## Filters", "", "| filter | samples failing |", "|---|---|",
+        *(f"| {k} | {v} |" for k, v in filters.items()),
+        f"| **selected** | **{plan['selected']}** |", "",
+        *([f"Skipped (their inputs were not computed): {', '.join(plan['filters']['skipped'])}.", ""]
+          if plan["filters"].get("skipped") else []),
+        "## How to load", "", "```python", "import webdataset as wds",
+        f'ds = wds.WebDataset("shard-{{00000..{max(plan["shards"] - 1, 0):05d}}}.tar").decode("pil")'
+        '.to_tuple("jpg", "txt", "json")', "",
+        "import datasets",
+        'samples = datasets.load_dataset("parquet", data_files="samples.parquet", split="train")',
+        'images = datasets.load_dataset("webdataset", data_files="shard-*.tar", split="train")', "```", "",
+        "The images keep their owners' rights; check the licence of every source before use.", "",
+    ]
+    return "\n".join([*header, "", *lines])
+
+
+def finish_publish(store_uri: str, dataset: str, spec: DatasetSpec, plan: dict, shard_stats: list[dict]) -> dict:
+    """Write samples.parquet, the card and the marker (last), then remove tars left from a larger release."""
+    store = open_store(store_uri)
+    table = store.get_parquet(plan["plan"])
+    card = dataset_card(dataset, table, plan, spec)
+    if not spec.publish.include_unselected_in_parquet:
+        table = table.filter(table.column("selected"))
+    sink = io.BytesIO()
+    pq.write_table(_unmap(table), sink, compression="zstd")
+    store.put_bytes(f"{dataset}/{STAGE}/samples.parquet", sink.getvalue())
+    store.put_bytes(f"{dataset}/{STAGE}/README.md", card.encode("utf-8"))
+    tars = [stage_key(dataset, STAGE, s, "tar") for s in range(plan["shards"])]
+    marker = {
+        "dataset": dataset, "samples": plan["samples"], "selected": plan["selected"], "shards": tars,
+        "filters": plan["filters"], "config_hash": spec.publish.config_hash(),
+        "quality_config_hash": spec.quality.config_hash(), "bytes": sum(s["bytes"] for s in shard_stats),
+        "samples_sha256": hashlib.sha256(sink.getvalue()).hexdigest(), "published_at": time.time(),
+    }
+    store.put_json(_marker(dataset), marker)
+    stale = [k for k in store.list(f"{dataset}/{STAGE}") if k.endswith(".tar") and k not in set(tars)]
+    for key in stale:
+        store.delete(key)
+    store.delete(plan["plan"])
+    return {**marker, "stale_removed": stale}
+
+
+def read_release(store: ArtifactStore, dataset: str) -> dict | None:
+    """The marker of the last finished release, or None while none exists (or one is being written)."""
+    try:
+        return store.get_json(_marker(dataset))
+    except StoreError:
+        return None
+

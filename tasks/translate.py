@@ -1,0 +1,561 @@
+"""Machine translation of captions with quality estimation, one shard at a time (the mBLIP recipe, checked).
+
+mBLIP translated each English caption into one language sampled in proportion to mC4 with NLLB-200 and kept
+every output. Here the fused captions (`caption_short`, `caption_dense` from fused/) and optionally the alt-text
+(raw/) are translated either into every configured language (`allocation: all`) or into `per_sample` languages
+drawn per sample from a distribution (`allocation: sample`; the "mc4" preset is mBLIP's choice). The draw is a
+function of (seed, sample key) only, so re-runs and appended data give the same languages.
+
+Multi-sentence text is translated sentence by sentence and reassembled in order; identical segments in a shard
+are translated once; translations already in the previous translated/ shard are reused by (source text hash,
+language, model id), so a re-run with other QE thresholds makes no translator call.
+
+Quality estimation (`check_translation`), every reason a 'kind: detail' string; any reason -> status "flagged"
+(the text is kept in translated/; publish drops it when `translate.drop_failed`):
+- language: py3langid on the output must give the target (close pairs such as cs/sk, ms/id, no/nb/nn, hr/sr/bs
+  count as equal); skipped under 4 words, where character n-gram language ID is unreliable.
+- copy / untranslated: the output is the source again, or >= 80% of its words are source words.
+- length_ratio: output/source characters outside [min_length_ratio, max_length_ratio] (from 3 source words up).
+- truncated: the source ends a sentence and the output does not.
+- numbers / urls / placeholders: each digit group, URL and {placeholder} / %s / <tag> of the source is in the output.
+- roundtrip_chrf (optional): the output translated back, chrF (sacrebleu) against the source below `min_chrf`.
+- source_injection: the source carries instruction-like text (tasks.guards.find_injection); it was translated as
+  text, but such a caption is not training data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import pyarrow as pa
+
+from infra.models import PROFILES, ModelUnavailable, backend_class, load_backend
+from infra.settings import TranslateConfig
+from infra.store import StoreError, open_store
+from tasks.guards import LANGID_MIN_WORDS, detect_language, find_injection, normalize_text
+from tasks.ingest import STAGE as RAW
+from tasks.shards import read_marker, stage_key, write_marker
+
+STAGE = "translated"
+FUSED = "fused"
+FUSED_FIELDS = ("caption_short", "caption_dense")
+MAX_SOURCE_CHARS = 2000  # longer sources are cut (and flagged): captions, not documents
+MAX_SEGMENT_CHARS = 400  # a sentence longer than this is split at spaces (translators degrade on long inputs)
+TRANSIENT_ERRORS = {"timeout", "connection", "http_408", "http_429", "http_500", "http_502", "http_503", "http_504"}
+
+TRANSLATED_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("field", pa.string()),  # caption_short | caption_dense | alt_text
+    ("lang", pa.string()),  # canonical code (ISO 639-1 where one exists)
+    ("source_text", pa.string()),
+    ("text", pa.string()),  # the translation, kept when flagged; null on error
+    ("status", pa.string()),  # ok | flagged | error
+    ("qe_passed", pa.bool_()),
+    ("qe_reasons", pa.list_(pa.string())),
+    ("qe_lang", pa.string()),  # detected language of the output (null: too short to check)
+    ("qe_length_ratio", pa.float32()),
+    ("qe_chrf_roundtrip", pa.float32()),  # null when round trip is off
+    ("provenance", pa.map_(pa.string(), pa.string())),
+])
+
+
+# ---- languages ----------------------------------------------------------------------------------------------------
+
+class Language(NamedTuple):
+    iso3: str
+    nllb: str | None  # NLLB-200 / FLORES-200 code
+    name: str
+
+
+# Canonical code (ISO 639-1 where one exists) -> ISO 639-3, NLLB-200 code, English name.
+LANGUAGES: dict[str, Language] = {
+    "en": Language("eng", "eng_Latn", "English"), "pt": Language("por", "por_Latn", "Portuguese"),
+    "es": Language("spa", "spa_Latn", "Spanish"), "de": Language("deu", "deu_Latn", "German"),
+    "fr": Language("fra", "fra_Latn", "French"), "it": Language("ita", "ita_Latn", "Italian"),
+    "ru": Language("rus", "rus_Cyrl", "Russian"), "pl": Language("pol", "pol_Latn", "Polish"),
+    "nl": Language("nld", "nld_Latn", "Dutch"), "tr": Language("tur", "tur_Latn", "Turkish"),
+    "ja": Language("jpn", "jpn_Jpan", "Japanese"), "vi": Language("vie", "vie_Latn", "Vietnamese"),
+    "id": Language("ind", "ind_Latn", "Indonesian"), "cs": Language("ces", "ces_Latn", "Czech"),
+    "zh": Language("zho", "zho_Hans", "Chinese"), "fa": Language("fas", "pes_Arab", "Persian"),
+    "ar": Language("ara", "arb_Arab", "Arabic"), "sv": Language("swe", "swe_Latn", "Swedish"),
+    "ro": Language("ron", "ron_Latn", "Romanian"), "el": Language("ell", "ell_Grek", "Greek"),
+    "uk": Language("ukr", "ukr_Cyrl", "Ukrainian"), "hu": Language("hun", "hun_Latn", "Hungarian"),
+    "da": Language("dan", "dan_Latn", "Danish"), "fi": Language("fin", "fin_Latn", "Finnish"),
+    "no": Language("nor", "nob_Latn", "Norwegian"), "bg": Language("bul", "bul_Cyrl", "Bulgarian"),
+    "hi": Language("hin", "hin_Deva", "Hindi"), "sk": Language("slk", "slk_Latn", "Slovak"),
+    "ko": Language("kor", "kor_Hang", "Korean"), "th": Language("tha", "tha_Thai", "Thai"),
+    "ca": Language("cat", "cat_Latn", "Catalan"), "ms": Language("msa", "zsm_Latn", "Malay"),
+    "he": Language("heb", "heb_Hebr", "Hebrew"), "lt": Language("lit", "lit_Latn", "Lithuanian"),
+    "sl": Language("slv", "slv_Latn", "Slovenian"), "mr": Language("mar", "mar_Deva", "Marathi"),
+    "bn": Language("ben", "ben_Beng", "Bengali"), "et": Language("est", "est_Latn", "Estonian"),
+    "lv": Language("lav", "lvs_Latn", "Latvian"), "az": Language("aze", "azj_Latn", "Azerbaijani"),
+    "gl": Language("glg", "glg_Latn", "Galician"), "cy": Language("cym", "cym_Latn", "Welsh"),
+    "sq": Language("sqi", "als_Latn", "Albanian"), "ta": Language("tam", "tam_Taml", "Tamil"),
+    "sr": Language("srp", "srp_Cyrl", "Serbian"), "ne": Language("nep", "npi_Deva", "Nepali"),
+    "lb": Language("ltz", "ltz_Latn", "Luxembourgish"), "hy": Language("hye", "hye_Armn", "Armenian"),
+    "kk": Language("kaz", "kaz_Cyrl", "Kazakh"), "ka": Language("kat", "kat_Geor", "Georgian"),
+    "mt": Language("mlt", "mlt_Latn", "Maltese"), "af": Language("afr", "afr_Latn", "Afrikaans"),
+    "tl": Language("tgl", "tgl_Latn", "Tagalog"), "is": Language("isl", "isl_Latn", "Icelandic"),
+    "mk": Language("mkd", "mkd_Cyrl", "Macedonian"), "ml": Language("mal", "mal_Mlym", "Malayalam"),
+    "mn": Language("mon", "khk_Cyrl", "Mongolian"), "ur": Language("urd", "urd_Arab", "Urdu"),
+    "be": Language("bel", "bel_Cyrl", "Belarusian"), "eu": Language("eus", "eus_Latn", "Basque"),
+    "tg": Language("tgk", "tgk_Cyrl", "Tajik"), "te": Language("tel", "tel_Telu", "Telugu"),
+    "kn": Language("kan", "kan_Knda", "Kannada"), "ky": Language("kir", "kir_Cyrl", "Kyrgyz"),
+    "sw": Language("swa", "swh_Latn", "Swahili"), "so": Language("som", "som_Latn", "Somali"),
+    "my": Language("mya", "mya_Mymr", "Burmese"), "uz": Language("uzb", "uzn_Latn", "Uzbek"),
+    "km": Language("khm", "khm_Khmr", "Khmer"), "la": Language("lat", None, "Latin"),
+    "fy": Language("fry", None, "Western Frisian"),
+}
+# Other spellings: ISO 639-2/B codes, deprecated ISO 639-1 codes, individual-language ISO 639-3 codes.
+_EXTRA_ALIASES = {
+    "ger": "de", "fre": "fr", "cze": "cs", "chi": "zh", "per": "fa", "dut": "nl", "gre": "el", "rum": "ro",
+    "slo": "sk", "alb": "sq", "arm": "hy", "geo": "ka", "mac": "mk", "may": "ms", "bur": "my", "baq": "eu",
+    "ice": "is", "wel": "cy", "iw": "he", "in": "id", "nb": "no", "nob": "no", "fil": "tl", "zsm": "ms",
+    "pes": "fa", "arb": "ar", "lvs": "lv", "azj": "az", "als": "sq", "npi": "ne", "khk": "mn", "swh": "sw",
+    "uzn": "uz", "cmn": "zh",
+}
+_ALIASES: dict[str, str] = {**{c: c for c in LANGUAGES}, **{lang.iso3: c for c, lang in LANGUAGES.items()},
+                            **{lang.nllb.lower(): c for c, lang in LANGUAGES.items() if lang.nllb},
+                            **_EXTRA_ALIASES}
+# py3langid confuses these close languages on short text; a detection of any of them counts for the others.
+_CLOSE = [{"cs", "sk"}, {"ms", "id"}, {"no", "nb", "nn"}, {"hr", "sr", "bs"}]
+
+
+def canonical_language(code: str) -> str:
+    """'pt', 'por', 'por_Latn', 'pt-BR', 'POR' -> 'pt'. Raises ValueError for an unknown code."""
+    raw = str(code).strip()
+    key = raw.lower().replace("-", "_")
+    if key in _ALIASES:
+        return _ALIASES[key]
+    base, _, suffix = key.partition("_")  # a region or script suffix: pt_br, zh_hans, sr_latn
+    if suffix and base in _ALIASES:
+        return _ALIASES[base]
+    raise ValueError(f"unknown language code {raw!r} (use ISO 639-1 such as 'pt', ISO 639-3 such as 'por', or an "
+                     f"NLLB code such as 'por_Latn'; known: {', '.join(sorted(LANGUAGES))})")
+
+
+def language_name(code: str) -> str:
+    return LANGUAGES[code].name
+
+
+def same_language(detected: str | None, target: str) -> bool:
+    if detected == target:
+        return True
+    return any(detected in group and target in group for group in _CLOSE)
+
+
+# ---- which languages each sample gets --------------------------------------------------------------------------
+
+# mC4 language shares as the mT5 paper reports them: Xue et al., "mT5: A Massively Multilingual Pre-trained
+# Text-to-Text Transformer", NAACL 2021, appendix table of mC4 languages (column "mT5 %": the share of each language
+# in mT5's pre-training mix, mC4 page counts smoothed with alpha = 0.3). mBLIP (Geigle et al., 2023) drew its
+# translation target languages with this mT5/mC4 distribution. Percent; restricted to the requested languages and
+# renormalised, so only the ratios matter. Transcribed for the languages above that mC4 covers.
+MC4_SHARES: dict[str, float] = {
+    "en": 5.67, "ru": 3.71, "es": 3.09, "de": 3.05, "fr": 2.89, "it": 2.43, "pt": 2.36, "pl": 2.15, "nl": 1.98,
+    "tr": 1.93, "ja": 1.92, "vi": 1.87, "id": 1.80, "cs": 1.72, "zh": 1.67, "fa": 1.67, "ar": 1.66, "sv": 1.61,
+    "ro": 1.58, "el": 1.54, "uk": 1.51, "hu": 1.48, "da": 1.38, "fi": 1.35, "no": 1.33, "bg": 1.29, "hi": 1.21,
+    "sk": 1.19, "ko": 1.14, "th": 1.14, "ca": 1.12, "ms": 1.09, "he": 1.06, "lt": 1.04, "sl": 0.95, "mr": 0.93,
+    "bn": 0.91, "et": 0.89, "lv": 0.87, "az": 0.82, "gl": 0.79, "cy": 0.78, "sq": 0.78, "ta": 0.73, "sr": 0.72,
+    "ne": 0.69, "lb": 0.68, "hy": 0.65, "kk": 0.65, "ka": 0.64, "mt": 0.64, "af": 0.63, "tl": 0.64, "is": 0.62,
+    "mk": 0.62, "ml": 0.62, "mn": 0.62, "ur": 0.61, "be": 0.59, "la": 0.58, "eu": 0.57, "tg": 0.54, "te": 0.52,
+    "fy": 0.51, "kn": 0.51, "ky": 0.50, "sw": 0.50, "so": 0.48, "my": 0.47, "uz": 0.46, "km": 0.46,
+}
+PRESETS: dict[str, dict[str, float] | None] = {"mc4": MC4_SHARES, "uniform": None}
+
+
+def language_weights(cfg: TranslateConfig) -> dict[str, float]:
+    """Normalised sampling weights over cfg.languages (sample mode); ValueError for a language with no weight."""
+    targets = [lang for lang in cfg.languages if lang != cfg.source_language]
+    table = PRESETS[cfg.distribution] if isinstance(cfg.distribution, str) else cfg.distribution
+    if table is None:
+        table = dict.fromkeys(targets, 1.0)
+    missing = [lang for lang in targets if not table.get(lang)]
+    if missing:
+        what = f"the {cfg.distribution!r} preset" if isinstance(cfg.distribution, str) else "translate.distribution"
+        raise ValueError(f"{what} has no weight for {', '.join(missing)}; give translate.distribution as a "
+                         "{lang: weight} mapping")
+    total = sum(table[lang] for lang in targets)
+    return {lang: table[lang] / total for lang in targets}
+
+
+def _unit_float(*parts: object) -> float:
+    """A uniform number in (0, 1) from a hash: the same inputs always give the same number."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return (int.from_bytes(digest[:8], "big") + 0.5) / 2**64
+
+
+def choose_languages(key: str, cfg: TranslateConfig, weights: dict[str, float] | None = None) -> list[str]:
+    """The target languages of one sample: all of them, or `per_sample` drawn without replacement with
+    probability proportional to their weight (Efraimidis-Spirakis keys from hash(seed, key, lang))."""
+    targets = [lang for lang in cfg.languages if lang != cfg.source_language]
+    if cfg.allocation == "all":
+        return targets
+    weights = weights or language_weights(cfg)
+    ranked = sorted(targets, key=lambda lang: math.log(_unit_float(cfg.seed, key, lang)) / weights[lang],
+                    reverse=True)
+    return sorted(ranked[:cfg.per_sample], key=targets.index)
+
+
+# ---- segmentation ---------------------------------------------------------------------------------------------
+
+_ABBREVIATIONS = ("mr.", "mrs.", "ms.", "dr.", "st.", "vs.", "e.g.", "i.e.", "etc.", "no.", "jr.", "sr.", "approx.")
+_BOUNDARY = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences in order (after . ! ? … followed by space, not after common abbreviations); pieces longer than
+    MAX_SEGMENT_CHARS are cut at spaces. `" ".join(split_sentences(t)) == " ".join(t.split())`."""
+    text = " ".join(text.split())
+    out, start = [], 0
+    for m in _BOUNDARY.finditer(text):
+        piece = text[start:m.start()].strip() + text[m.start():m.end()].strip()
+        if piece.lower().split()[-1] in _ABBREVIATIONS:
+            continue
+        out.append(text[start:m.end()].strip())
+        start = m.end()
+    if text[start:].strip():
+        out.append(text[start:].strip())
+    return [chunk for sentence in out for chunk in _cut(sentence)]
+
+
+def _cut(sentence: str) -> list[str]:
+    chunks, current = [], ""
+    for word in sentence.split(" "):
+        if current and len(current) + 1 + len(word) > MAX_SEGMENT_CHARS:
+            chunks.append(current)
+            current = word
+        else:
+            current = f"{current} {word}" if current else word
+    return [*chunks, current] if current else chunks
+
+
+def prepare_source(text: str | None) -> tuple[str, bool]:
+    """What is sent to the translator: NFKC, no invisible or replacement characters, one line, at most
+    MAX_SOURCE_CHARS (cut at a space). Returns (text, was cut); empty text means nothing to translate."""
+    clean = " ".join(normalize_text(text).replace("\ufffd", " ").split())
+    if len(clean) <= MAX_SOURCE_CHARS:
+        return clean, False
+    return clean[:MAX_SOURCE_CHARS].rsplit(" ", 1)[0], True
+
+
+# ---- quality estimation -----------------------------------------------------------------------------------------
+
+_WORD = re.compile(r"[^\W_]+")
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_URL = re.compile(r"(?:https?://|www\.)[^\s<>\"']+", re.IGNORECASE)
+_PLACEHOLDER = re.compile(r"\{\{?[A-Za-z0-9_.]*\}?\}|%[sd]|<[A-Za-z/][^<>]{0,40}>")
+_SENTENCE_END = tuple(".!?…。！？")
+
+
+@dataclass
+class QEResult:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    lang: str | None = None
+    length_ratio: float | None = None
+    chrf: float | None = None
+
+
+def chrf(hypothesis: str, reference: str) -> float:
+    import sacrebleu
+
+    return float(sacrebleu.sentence_chrf(hypothesis, [reference]).score)
+
+
+def _words(text: str) -> list[str]:
+    return [w.casefold() for w in _WORD.findall(text)]
+
+
+def _ends_sentence(text: str) -> bool:
+    return text.rstrip("\"'”’»)] ").endswith(_SENTENCE_END)
+
+
+def check_translation(source: str, text: str | None, target: str, *, source_language: str = "en",
+                      min_ratio: float = 0.45, max_ratio: float = 2.2, chrf_roundtrip: float | None = None,
+                      min_chrf: float = 0.0) -> QEResult:
+    """QE of one translation of `source` into `target` (see the module docstring for the checks);
+    `chrf_roundtrip` is chrF of the back translation against the source, when the round trip ran."""
+    text = normalize_text(text).strip()
+    if not text:
+        return QEResult(False, ["empty"])
+    reasons: list[str] = []
+    src_words, out_words = _words(source), _words(text)
+    detected = detect_language(text) if len(out_words) >= LANGID_MIN_WORDS else None
+    if detected is not None and not same_language(detected, target):
+        reasons.append(f"language: {detected} != {target}")
+    if target != source_language and len(src_words) >= 3 and out_words == src_words:
+        reasons.append("copy: the output is the source")
+    elif target != source_language and len(out_words) >= 4:
+        shared = sum(1 for w in out_words if w in set(src_words) and not w.isdigit()) / len(out_words)
+        if shared >= 0.8:
+            reasons.append(f"untranslated: {shared:.0%} of the words are source words")
+    ratio = len(text) / max(1, len(source.strip()))
+    if len(src_words) >= 3 and not min_ratio <= ratio <= max_ratio:
+        reasons.append(f"length_ratio: {ratio:.2f} outside [{min_ratio}, {max_ratio}]")
+    if _ends_sentence(source) and not _ends_sentence(text):
+        reasons.append("truncated: the source ends a sentence, the output does not")
+    for kind, pattern, norm in (("numbers", _NUMBER, lambda s: re.sub(r"[.,]", "", s)),
+                                ("urls", _URL, lambda s: s.rstrip(".,;:!?)").lower()),
+                                ("placeholders", _PLACEHOLDER, str)):
+        wanted = {norm(m) for m in pattern.findall(source)}
+        if wanted:
+            got = {norm(m) for m in pattern.findall(text)}
+            missing = sorted(wanted - got)
+            if missing:
+                reasons.append(f"{kind}: missing " + ", ".join(repr(m) for m in missing[:5]))
+    if chrf_roundtrip is not None and chrf_roundtrip < min_chrf:
+        reasons.append(f"roundtrip_chrf: {chrf_roundtrip:.1f} < {min_chrf}")
+    injected = find_injection(source)
+    if injected:
+        reasons.append(f"source_injection: {injected!r}")
+    return QEResult(not reasons, reasons, detected, ratio, chrf_roundtrip)
+
+
+# ---- planning -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TranslatorChoice:
+    name: str
+    options: dict
+
+
+def plan_translation(cfg: TranslateConfig, models_dir: str | None = None) -> TranslatorChoice:
+    """The backend and its options; raises ModelUnavailable (or ValueError for the languages) before anything
+    runs when the backend, its model or a language pair cannot be provided."""
+    name = cfg.backend or PROFILES[cfg.profile]["translator"]
+    cls = backend_class("translator", name)
+    if name == "bergamot":
+        options = {"concurrency": cfg.concurrency}
+    elif name == "ctranslate2":
+        options = {"model": cfg.model, "models_dir": models_dir, "batch_size": cfg.batch_size,
+                   "device": "cuda" if cfg.profile == "gpu" else "cpu"}
+    elif name == "openai":
+        if not (cfg.endpoint and cfg.model):
+            raise ModelUnavailable("translator", name, "set translate.endpoint (an OpenAI-compatible server such as "
+                                   "`vllm serve` or llama.cpp's server) and translate.model")
+        options = {"endpoint": cfg.endpoint, "model": cfg.model, "concurrency": cfg.concurrency,
+                   "timeout": cfg.timeout}
+    else:
+        options = {"model": cfg.model}
+    targets = [lang for lang in cfg.languages if lang != cfg.source_language]
+    if not targets:
+        raise ValueError(f"translate.languages has no language other than the source ({cfg.source_language})")
+    if cfg.allocation == "sample":
+        language_weights(cfg)
+        if cfg.per_sample > len(targets):
+            raise ValueError(f"translate.per_sample is {cfg.per_sample} but only {len(targets)} target languages "
+                             "are configured")
+    pairs = [(cfg.source_language, t) for t in targets]
+    if cfg.round_trip:
+        pairs += [(t, cfg.source_language) for t in targets]
+    missing = cls.unsupported(pairs, **options)
+    if missing:
+        has = ", ".join(f"{a}->{b}" for a, b in cls.supported(**options))
+        raise ModelUnavailable("translator", name, "cannot translate " + ", ".join(f"{a}->{b}" for a, b in missing)
+                               + f" (it has: {has}); use backend ctranslate2 with an NLLB-200 model, or openai")
+    return TranslatorChoice(name, options)
+
+
+# ---- the stage ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Unit:
+    key: str
+    field: str
+    lang: str
+    source_text: str  # as stored upstream
+    clean: str  # what the translator sees
+    cut: bool
+    text: str | None = None
+    error: str | None = None
+    chrf: float | None = None
+    cached: bool = False
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+def needs_fused(cfg: TranslateConfig) -> bool:
+    return any(f in FUSED_FIELDS for f in cfg.fields)
+
+
+def _read_sources(store, dataset: str, shard: int, cfg: TranslateConfig) -> list[tuple[str, dict[str, str | None]]]:
+    """(key, {field: text}) of the shard's samples that have an image (raw status ok), in shard order."""
+    raw = store.get_parquet(stage_key(dataset, RAW, shard, "parquet"), columns=["key", "status", "alt_text"])
+    fused: dict[str, dict] = {}
+    if needs_fused(cfg):
+        table = store.get_parquet(stage_key(dataset, FUSED, shard, "parquet"), columns=["key", *FUSED_FIELDS])
+        fused = {r["key"]: r for r in table.to_pylist()}
+    out = []
+    for r in raw.to_pylist():
+        if r["status"] != "ok":
+            continue
+        texts = {f: (r["alt_text"] if f == "alt_text" else fused.get(r["key"], {}).get(f)) for f in cfg.fields}
+        out.append((r["key"], texts))
+    return out
+
+
+def _previous(store, dataset: str, shard: int, model_id: str) -> dict[tuple[str, str], tuple[str, float | None]]:
+    """(source text hash, lang) -> (translation, round-trip chrF) from the previous translated shard, for rows
+    made by the same model."""
+    try:
+        rows = store.get_parquet(stage_key(dataset, STAGE, shard, "parquet"),
+                                 columns=["lang", "source_text", "text", "qe_chrf_roundtrip", "provenance"]).to_pylist()
+    except (StoreError, KeyError, pa.ArrowInvalid):
+        return {}
+    cached = {}
+    for r in rows:
+        if r["text"] is not None and dict(r["provenance"] or []).get("model") == model_id:
+            cached[(_text_hash(prepare_source(r["source_text"])[0]), r["lang"])] = (r["text"], r["qe_chrf_roundtrip"])
+    return cached
+
+
+def _translate_all(backend, requests: list[tuple[str, str, str]], batch_size: int) -> dict[tuple, object]:
+    """Translate unique (segment, source, target) requests, grouped by direction, in batches."""
+    results: dict[tuple, object] = {}
+    by_pair: dict[tuple[str, str], list[str]] = {}
+    for seg, src, tgt in dict.fromkeys(requests):
+        by_pair.setdefault((src, tgt), []).append(seg)
+    for (src, tgt), segments in by_pair.items():
+        for start in range(0, len(segments), batch_size):
+            chunk = segments[start:start + batch_size]
+            for seg, res in zip(chunk, backend.translate(chunk, src, tgt), strict=True):
+                results[(seg, src, tgt)] = res
+    return results
+
+
+def _assemble(segments: list[str], results: dict, src: str, tgt: str) -> tuple[str | None, str | None]:
+    parts = [results[(s, src, tgt)] for s in segments]
+    errors = [p.error for p in parts if p.text is None]
+    if errors:
+        return None, errors[0]
+    return " ".join(p.text for p in parts), None
+
+
+def _segments(text: str, cfg: TranslateConfig) -> list[str]:
+    return split_sentences(text) if cfg.segment else _cut(text)
+
+
+def translate_shard(store_uri: str, dataset: str, shard: int, cfg: TranslateConfig,
+                    models_dir: str | None = None) -> dict:
+    """Translate one shard; writes `<dataset>/translated/shard-NNNNN.parquet` and its done marker; returns stats."""
+    started = time.time()
+    store = open_store(store_uri)
+    if read_marker(store, dataset, RAW, shard) is None:
+        raise RuntimeError(f"raw shard {shard:05d} of {dataset} is not finished; run ingest first")
+    if needs_fused(cfg) and read_marker(store, dataset, FUSED, shard) is None:
+        raise RuntimeError(f"fused shard {shard:05d} of {dataset} is not finished; run `capfactory fuse` first")
+    choice = plan_translation(cfg, models_dir)
+    backend = load_backend("translator", choice.name, **choice.options)
+    src_lang = cfg.source_language
+    weights = language_weights(cfg) if cfg.allocation == "sample" else None
+    units: list[_Unit] = []
+    for key, texts in _read_sources(store, dataset, shard, cfg):
+        langs = choose_languages(key, cfg, weights)
+        for name in cfg.fields:
+            clean, cut = prepare_source(texts[name])
+            if clean:
+                units.extend(_Unit(key, name, lang, texts[name], clean, cut) for lang in langs)
+
+    previous = _previous(store, dataset, shard, backend.model_id)
+    for u in units:
+        hit = previous.get((_text_hash(u.clean), u.lang))
+        if hit:
+            u.text, u.chrf, u.cached = hit[0], hit[1], True
+    todo = [u for u in units if not u.cached]
+    forward = _translate_all(backend, [(s, src_lang, u.lang) for u in todo for s in _segments(u.clean, cfg)],
+                             cfg.batch_size)
+    for u in todo:
+        u.text, u.error = _assemble(_segments(u.clean, cfg), forward, src_lang, u.lang)
+    backward: dict = {}
+    if cfg.round_trip:
+        back_units = [u for u in units if u.text is not None and u.chrf is None]
+        backward = _translate_all(backend, [(s, u.lang, src_lang) for u in back_units
+                                            for s in _segments(u.text, cfg)], cfg.batch_size)
+        for u in back_units:
+            back, _ = _assemble(_segments(u.text, cfg), backward, u.lang, src_lang)
+            u.chrf = chrf(back, u.clean) if back is not None else None
+
+    base_prov = [("backend", choice.name), ("model", backend.model_id), ("config_hash", cfg.config_hash()),
+                 ("source_language", src_lang)]
+    rows, reasons_seen = [], Counter()
+    for u in units:
+        row = {"key": u.key, "field": u.field, "lang": u.lang, "source_text": u.source_text, "text": u.text,
+               "provenance": [*base_prov, ("cache", "hit" if u.cached else "miss")]}
+        if u.text is None:
+            row.update(status="error", qe_passed=False, qe_reasons=[f"translator_error: {u.error}"])
+        else:
+            qe = check_translation(u.clean, u.text, u.lang, source_language=src_lang,
+                                   min_ratio=cfg.min_length_ratio, max_ratio=cfg.max_length_ratio,
+                                   chrf_roundtrip=u.chrf if cfg.round_trip else None, min_chrf=cfg.min_chrf)
+            reasons = list(qe.reasons)
+            if cfg.round_trip and u.chrf is None:
+                reasons.append("roundtrip_chrf: the back translation failed")
+            if u.cut:
+                reasons.append(f"source_truncated: only the first {MAX_SOURCE_CHARS} characters were translated")
+            row.update(status="flagged" if reasons else "ok", qe_passed=not reasons, qe_reasons=reasons,
+                       qe_lang=qe.lang, qe_length_ratio=qe.length_ratio,
+                       qe_chrf_roundtrip=u.chrf if cfg.round_trip else None)
+        reasons_seen.update(r.split(":", 1)[0] for r in row["qe_reasons"])
+        rows.append(row)
+    store.put_parquet(stage_key(dataset, STAGE, shard, "parquet"), pa.Table.from_pylist(rows, TRANSLATED_SCHEMA))
+    transient = [u.error for u in units if u.error and u.error.split(":", 1)[0].strip() in TRANSIENT_ERRORS]
+    if transient:
+        # The server went away: translations that arrived are saved above without a done marker, so the retried
+        # shard asks only for the missing ones.
+        raise RuntimeError(f"{len(transient)} translations failed on transient errors (e.g. {transient[0]}); "
+                           "the shard is retried, keeping the translations already made")
+    stats = {
+        "shard": shard, "config_hash": cfg.config_hash(), "input_marker": _fingerprint(store, dataset, shard, cfg),
+        "samples": len({u.key for u in units}), "rows": len(rows),
+        "counts": dict(Counter(r["status"] for r in rows)),
+        "languages": dict(Counter(r["lang"] for r in rows)),
+        "qe_reasons": dict(reasons_seen),
+        "translator_calls": len(forward) + len(backward),
+        "cache_hits": sum(1 for u in units if u.cached),
+        "provenance": {"backend": choice.name, "model": backend.model_id},
+        "seconds": round(time.time() - started, 3),
+    }
+    write_marker(store, dataset, STAGE, shard, stats)
+    return stats
+
+
+def _fingerprint(store, dataset: str, shard: int, cfg: TranslateConfig) -> str:
+    """What translation ran on: the raw marker and, when caption fields are translated, the fused marker (so a
+    re-ingest or a re-fuse invalidates the translated shard)."""
+    stages = (RAW, FUSED) if needs_fused(cfg) else (RAW,)
+    marks = [read_marker(store, dataset, stage, shard) or {} for stage in stages]
+    return json.dumps([[m.get("config_hash"), m.get("finished_at")] for m in marks])
+
+
+def shards_to_translate(store, dataset: str, cfg: TranslateConfig) -> tuple[list[int], list[int], list[int]]:
+    """(to run, already done, waiting for ingest/fuse). Raises ValueError when caption fields are asked for and
+    the dataset was never fused."""
+    from tasks.shards import planned_shards
+
+    shards = planned_shards(store, dataset)
+    if needs_fused(cfg) and shards and not any(read_marker(store, dataset, FUSED, s) for s in shards):
+        fields = ", ".join(f for f in cfg.fields if f in FUSED_FIELDS)
+        raise ValueError(f"translate.fields asks for {fields}, which come from the fused stage, but dataset "
+                         f"{dataset!r} was never fused: run `capfactory fuse --dataset {dataset}` first, or translate "
+                         "--fields alt_text")
+    todo, done, waiting = [], [], []
+    for shard in shards:
+        upstream = (RAW, FUSED) if needs_fused(cfg) else (RAW,)
+        if any(read_marker(store, dataset, stage, shard) is None for stage in upstream):
+            waiting.append(shard)
+            continue
+        marker = read_marker(store, dataset, STAGE, shard)
+        fresh = (marker is not None and marker.get("config_hash") == cfg.config_hash()
+                 and marker.get("input_marker") == _fingerprint(store, dataset, shard, cfg))
+        (done if fresh else todo).append(shard)
+    return todo, done, waiting

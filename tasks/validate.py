@@ -1,0 +1,257 @@
+"""Validation of every stage's output with the Great Expectations suites in `expectations/`, one (stage, shard) at a
+time, on the shard's pandas table.
+
+Store layout (`<dataset>/validation/`):
+    <suite>/shard-00042.json                 the shard's result: failed expectations with examples, quarantined rows
+    quarantine/<suite>/shard-00042.parquet   the rows set aside (quarantine mode), with `quarantine_reasons`
+    scores/_reference.json                   score statistics of the drift reference shard
+    summary.json                             per suite: shards passed / failed, quarantined rows, failing checks
+    data_docs/index.html                     GX data docs, built locally and uploaded through the store
+
+`on_failure: quarantine` sets the rows that failed a row-level expectation aside (a failed table-level check such
+as the schema, the row count or drift sets the whole shard aside) and the published set leaves them out (see
+`quarantined_keys`); `on_failure: fail` fails the shard with a message naming the suite, the shard, the
+expectations and examples. A suite's stage whose output is absent is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import great_expectations as gx
+import pyarrow as pa
+
+from expectations.common import SuiteInputs
+from expectations.runner import SUITES, build_data_docs, run_suite, to_frame
+from expectations.scores import reference_stats
+from infra.settings import DatasetSpec, ValidateConfig
+from infra.store import ArtifactStore, StoreError, open_store
+from tasks.ingest import STAGE as RAW
+from tasks.shards import input_key, read_marker, shard_name, stage_key
+
+STAGE = "validation"
+# Suites whose rows are samples: a row quarantined there takes its sample out of the published set. A quarantined
+# translation only takes that translation out (see `quarantined_translations`).
+SAMPLE_SUITES = ("raw", "experts", "fused", "scores")
+ROWS_PER_RAW_ROW = ("experts", "fused", "scores")  # suites with exactly one row per raw sample
+_MARKER = re.compile(r"/shard-(\d{5,})\.stats\.json$")
+
+
+class ValidationFailed(RuntimeError):
+    """A shard failed its suite in `fail` mode; the message names suite, shard, expectations and examples."""
+
+
+def result_key(dataset: str, suite: str, shard: int) -> str:
+    return f"{dataset}/{STAGE}/{suite}/{shard_name(shard)}.json"
+
+
+def quarantine_key(dataset: str, suite: str, shard: int) -> str:
+    return f"{dataset}/{STAGE}/quarantine/{suite}/{shard_name(shard)}.parquet"
+
+
+def reference_key(dataset: str) -> str:
+    return f"{dataset}/{STAGE}/scores/_reference.json"
+
+
+def summary_key(dataset: str) -> str:
+    return f"{dataset}/{STAGE}/summary.json"
+
+
+def docs_prefix(dataset: str) -> str:
+    return f"{dataset}/{STAGE}/data_docs"
+
+
+def finished_shards(store: ArtifactStore, dataset: str, suite: str) -> list[int]:
+    """Shards of a stage output with a done marker."""
+    return sorted(int(m.group(1)) for k in store.list(f"{dataset}/{suite}") if (m := _MARKER.search(k)))
+
+
+def suites_to_run(store: ArtifactStore, dataset: str, cfg: ValidateConfig) -> tuple[list[str], list[str]]:
+    """(suites whose stage output exists, suites skipped because it does not), in pipeline order."""
+    wanted = [s for s in SUITES if cfg.stages is None or s in cfg.stages]
+    present = [s for s in wanted if finished_shards(store, dataset, s)]
+    return present, [s for s in wanted if s not in present]
+
+
+def _marker_stamp(store: ArtifactStore, dataset: str, suite: str, shard: int) -> list:
+    marker = read_marker(store, dataset, suite, shard) or {}
+    return [marker.get("config_hash"), marker.get("finished_at")]
+
+
+def fingerprint(store: ArtifactStore, dataset: str, suite: str, shard: int, cfg: ValidateConfig,
+                reference: dict | None) -> str:
+    """What a shard's result depends on: the validation config, the stage's and raw's markers, the reference."""
+    ref = reference.get("input_marker") if reference and suite == "scores" else None
+    return json.dumps([cfg.config_hash(), _marker_stamp(store, dataset, suite, shard),
+                       _marker_stamp(store, dataset, RAW, shard), ref])
+
+
+def ensure_reference(store: ArtifactStore, dataset: str, cfg: ValidateConfig) -> dict | None:
+    """The drift reference: score statistics of `cfg.drift_reference_shard`, or else of the shard that was the
+    reference before (the first scores shard validated), computed once and kept in the store."""
+    shards = finished_shards(store, dataset, "scores")
+    if not shards:
+        return None
+    try:
+        kept = store.get_json(reference_key(dataset))
+    except StoreError:
+        kept = None
+    shard = cfg.drift_reference_shard
+    if shard is None:
+        shard = kept["shard"] if kept and kept["shard"] in shards else shards[0]
+    if shard not in shards:
+        raise ValueError(f"drift reference shard {shard:05d} has no scores output in {dataset} "
+                         f"(scored shards: {shards})")
+    stamp = json.dumps(_marker_stamp(store, dataset, "scores", shard))
+    if kept and kept["shard"] == shard and kept["input_marker"] == stamp:
+        return kept
+    frame = to_frame(store.get_parquet(stage_key(dataset, "scores", shard, "parquet")))
+    reference = {"shard": shard, "input_marker": stamp, "columns": reference_stats(frame)}
+    store.put_json(reference_key(dataset), reference)
+    return reference
+
+
+def shards_to_validate(store: ArtifactStore, dataset: str, cfg: ValidateConfig, suites: list[str],
+                       reference: dict | None) -> dict[str, tuple[list[int], list[int]]]:
+    """Per suite: (shards to validate, shards whose result still holds). A result holds when nothing it depends
+    on changed and it passed or its rows were quarantined (a failure in `fail` mode is reported again)."""
+    plan = {}
+    for suite in suites:
+        todo, done = [], []
+        for shard in finished_shards(store, dataset, suite):
+            try:
+                old = store.get_json(result_key(dataset, suite, shard))
+            except StoreError:
+                old = None
+            fresh = (old is not None and old["fingerprint"] == fingerprint(store, dataset, suite, shard, cfg, reference)
+                     and (old["success"] or old["on_failure"] == "quarantine"))
+            (done if fresh else todo).append(shard)
+        plan[suite] = (todo, done)
+    return plan
+
+
+def expected_rows(store: ArtifactStore, dataset: str, suite: str, shard: int) -> int | None:
+    """Rows the stage's shard must have: raw = its input manifest; one-row-per-sample stages = the raw shard."""
+    if suite == "raw":
+        return store.get_parquet(input_key(dataset, shard), columns=["key"]).num_rows
+    if suite in ROWS_PER_RAW_ROW:
+        marker = read_marker(store, dataset, RAW, shard)
+        return marker["samples"] if marker else None
+    return None
+
+
+def validate_shard(store_uri: str, dataset: str, suite: str, shard: int, spec: DatasetSpec,
+                   reference: dict | None = None) -> dict:
+    """Run `suite` on one shard; writes the result JSON (and the quarantined rows); returns the result without
+    the GX document. Raises ValidationFailed in `fail` mode when an expectation failed."""
+    started = time.time()
+    cfg = spec.validation
+    store = open_store(store_uri)
+    table = store.get_parquet(stage_key(dataset, suite, shard, "parquet"))
+    frame = to_frame(table)
+    inputs = SuiteInputs(frame, spec, expected_rows(store, dataset, suite, shard), reference)
+    run = run_suite(suite, frame, inputs, shard_name(shard))
+    bad = run.bad_rows()
+    if run.table_failures:  # the whole shard is in doubt
+        names = [f.name for f in run.table_failures]
+        bad = {i: names + bad.get(i, []) for i in range(table.num_rows)}
+    quarantine = cfg.on_failure == "quarantine" and bad
+    qkey = quarantine_key(dataset, suite, shard)
+    quarantined = []
+    if quarantine:
+        positions = sorted(bad)
+        rows = table.take(pa.array(positions, pa.int64()))
+        rows = rows.append_column("quarantine_reasons", pa.array([bad[i] for i in positions], pa.list_(pa.string())))
+        store.put_parquet(qkey, rows)
+        ids = rows.select(list(SUITES[suite].ROW_ID)).to_pylist()
+        quarantined = [{**row_id, "reasons": bad[i]} for row_id, i in zip(ids, positions, strict=True)]
+    else:
+        store.delete(qkey)
+    result = {
+        "dataset": dataset, "suite": suite, "shard": shard, "success": run.success, "on_failure": cfg.on_failure,
+        "samples": table.num_rows, "evaluated": run.evaluated,
+        "counts": {"ok": table.num_rows - len(quarantined), "quarantined": len(quarantined)},
+        "failed": [f.to_json() for f in run.failures], "quarantined": quarantined,
+        "quarantine_file": qkey if quarantine else None,
+        "config_hash": cfg.config_hash(), "fingerprint": fingerprint(store, dataset, suite, shard, cfg, reference),
+        "provenance": {"great_expectations": gx.__version__, "suite": suite},
+        "seconds": round(time.time() - started, 3),
+    }
+    store.put_json(result_key(dataset, suite, shard), {**result, "gx_result": run.gx_result})
+    if not run.success and cfg.on_failure == "fail":
+        details = "; ".join(f.describe() for f in run.failures)
+        raise ValidationFailed(f"suite {suite!r} failed on shard {shard:05d} of {dataset}: {details} "
+                               f"(result: {result_key(dataset, suite, shard)})")
+    return result
+
+
+def _results(store: ArtifactStore, dataset: str, suites: list[str]) -> list[dict]:
+    out = []
+    for suite in suites:
+        for shard in finished_shards(store, dataset, suite):
+            try:
+                out.append(store.get_json(result_key(dataset, suite, shard)))
+            except StoreError:
+                continue  # not validated (yet)
+    return out
+
+
+def write_summary(store: ArtifactStore, dataset: str, cfg: ValidateConfig, suites: list[str],
+                  skipped: list[str]) -> dict:
+    """Per suite: shards validated and passed, quarantined rows, how often each expectation failed."""
+    per_suite = {}
+    for suite in suites:
+        results = _results(store, dataset, [suite])
+        failing = Counter(f"{f['expectation']}({f['column']})" if f["column"] else f["expectation"]
+                          for r in results for f in r["failed"])
+        per_suite[suite] = {
+            "shards": len(results), "passed": sum(1 for r in results if r["success"]),
+            "failed_shards": [r["shard"] for r in results if not r["success"]],
+            "rows": sum(r["samples"] for r in results),
+            "quarantined_rows": sum(r["counts"]["quarantined"] for r in results),
+            "failing_expectations": dict(failing),
+        }
+    summary = {"dataset": dataset, "on_failure": cfg.on_failure, "config_hash": cfg.config_hash(),
+               "suites": per_suite, "skipped_suites": skipped, "validated_at": time.time()}
+    store.put_json(summary_key(dataset), summary)
+    return summary
+
+
+def publish_data_docs(store_uri: str, dataset: str, suites: list[str]) -> str:
+    """Build GX data docs from every stored shard result in a local folder and upload them (replacing the old
+    site) under `<dataset>/validation/data_docs/`; returns the index page's key."""
+    store = open_store(store_uri)
+    results = [r["gx_result"] for r in _results(store, dataset, suites)]
+    prefix = docs_prefix(dataset)
+    with tempfile.TemporaryDirectory(prefix="capfactory-docs-") as tmp:
+        site = Path(tmp)
+        build_data_docs(results, site)
+        for old in store.list(prefix):
+            store.delete(old)
+        for path in sorted(p for p in site.rglob("*") if p.is_file()):
+            store.put_file(f"{prefix}/{path.relative_to(site).as_posix()}", path)
+    return f"{prefix}/index.html"
+
+
+def _quarantined(store: ArtifactStore, dataset: str, suite: str, columns: list[str]) -> list[dict]:
+    rows = []
+    for key in store.list(f"{dataset}/{STAGE}/quarantine/{suite}"):
+        if key.endswith(".parquet"):
+            rows += store.get_parquet(key, columns=columns).to_pylist()
+    return rows
+
+
+def quarantined_keys(store: ArtifactStore, dataset: str, suites: tuple[str, ...] = SAMPLE_SUITES) -> set[str]:
+    """Keys of the samples set aside by validation (quarantine mode): the published set leaves them out."""
+    return {r["key"] for suite in suites for r in _quarantined(store, dataset, suite, ["key"])}
+
+
+def quarantined_translations(store: ArtifactStore, dataset: str) -> set[tuple[str, str, str]]:
+    """(key, field, lang) of the translations set aside: the published set drops these translations."""
+    return {(r["key"], r["field"], r["lang"]) for r in _quarantined(store, dataset, "translated",
+                                                                    ["key", "field", "lang"])}
