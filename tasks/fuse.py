@@ -30,9 +30,10 @@ from infra.store import StoreError, open_store
 from tasks.extract import STAGE as EXPERTS
 from tasks.guards import check_caption, find_injection, injection_payloads
 from tasks.ingest import STAGE as RAW
-from tasks.shards import read_marker, stage_key, write_marker
+from tasks.shards import read_marker, shard_status, stage_key, upstream_fingerprint, write_marker
 
 STAGE = "fused"
+UPSTREAM = (RAW, EXPERTS)  # the stage outputs fusion reads
 PROMPTS = Path(__file__).with_name("prompts")
 MAX_FIELD_CHARS = 600  # untrusted text fields are cut to this length in prompts
 _DELIMITERS = re.compile(r"</?\s*data\s*>", re.IGNORECASE)
@@ -314,7 +315,8 @@ def fuse_shard(store_uri: str, dataset: str, shard: int, cfg: FuseConfig) -> dic
                            "the shard is retried, keeping the completions already made")
     counts = Counter(r["status"] for r in rows)
     stats = {
-        "shard": shard, "config_hash": cfg.config_hash(), "input_marker": _fingerprint(store, dataset, shard),
+        "shard": shard, "config_hash": cfg.config_hash(),
+        "input_marker": upstream_fingerprint(store, dataset, shard, UPSTREAM),
         "samples": len(rows), "counts": dict(counts), "llm_calls": llm_calls,
         "cache_hits": sum(1 for r in requests if r[3] in cached),
         "passed": {out: sum(1 for r in rows if r[f"{out}_passed"]) for out in cfg.outputs},
@@ -326,23 +328,6 @@ def fuse_shard(store_uri: str, dataset: str, shard: int, cfg: FuseConfig) -> dic
     return stats
 
 
-def _fingerprint(store, dataset: str, shard: int) -> str:
-    """What fusion ran on: the raw and experts markers (a re-run of either invalidates the fused shard)."""
-    marks = [read_marker(store, dataset, stage, shard) or {} for stage in (RAW, EXPERTS)]
-    return json.dumps([[m.get("config_hash"), m.get("finished_at")] for m in marks])
-
-
 def shards_to_fuse(store, dataset: str, cfg: FuseConfig) -> tuple[list[int], list[int], list[int]]:
-    """(to run, already done, raw shards not finished)."""
-    from tasks.shards import planned_shards
-
-    todo, done, waiting = [], [], []
-    for shard in planned_shards(store, dataset):
-        if read_marker(store, dataset, RAW, shard) is None:
-            waiting.append(shard)
-            continue
-        marker = read_marker(store, dataset, STAGE, shard)
-        fresh = (marker is not None and marker.get("config_hash") == cfg.config_hash()
-                 and marker.get("input_marker") == _fingerprint(store, dataset, shard))
-        (done if fresh else todo).append(shard)
-    return todo, done, waiting
+    """(to run, already done, raw shards not finished). A re-run of ingest or the experts invalidates a shard."""
+    return shard_status(store, dataset, STAGE, cfg.config_hash(), UPSTREAM)

@@ -14,7 +14,6 @@ not be decoded; the error is kept, the others in the shard are still scored).
 from __future__ import annotations
 
 import io
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -31,11 +30,12 @@ from infra.store import StoreError, open_store
 from tasks.attributes import hub_offline
 from tasks.fuse import STAGE as FUSED
 from tasks.ingest import STAGE as RAW
-from tasks.shards import planned_shards, read_marker, stage_key, write_marker
+from tasks.shards import read_marker, shard_status, stage_key, upstream_fingerprint, write_marker
 
 STAGE = "scores"
 EMBEDDINGS = "embeddings"
 TRANSLATED = "translated"
+UPSTREAM = (RAW, FUSED, TRANSLATED)  # the stage outputs the scores read, where they exist
 CAPTION_FIELDS = {"short": "caption_short", "dense": "caption_dense"}
 
 TRANSLATION_SCORE = pa.struct([("field", pa.string()), ("lang", pa.string()), ("score", pa.float32())])
@@ -331,7 +331,8 @@ def score_shard(store_uri: str, dataset: str, shard: int, cfg: QualityConfig, mo
     store.put_parquet(stage_key(dataset, STAGE, shard, "parquet"), pa.Table.from_pylist(rows, SCORES_SCHEMA))
     counts = Counter(r["status"] for r in rows)
     stats = {
-        "shard": shard, "config_hash": cfg.config_hash(), "input_marker": _fingerprint(store, dataset, shard),
+        "shard": shard, "config_hash": cfg.config_hash(),
+        "input_marker": upstream_fingerprint(store, dataset, shard, UPSTREAM),
         "samples": len(rows), "counts": dict(counts), "images_embedded": embedded,
         "embeddings_reused": sum(len(e) for e in embeddings.values()) - embedded,
         "nsfw_scored": len(nsfw), "clip": "clip" in scorers, "provenance": provenance,
@@ -341,22 +342,7 @@ def score_shard(store_uri: str, dataset: str, shard: int, cfg: QualityConfig, mo
     return stats
 
 
-def _fingerprint(store, dataset: str, shard: int) -> str:
-    """What the scores ran on: the raw, fused and translated markers where those exist (a re-fused or re-translated
-    shard is re-scored; its image embeddings are reused)."""
-    marks = [read_marker(store, dataset, stage, shard) or {} for stage in (RAW, FUSED, TRANSLATED)]
-    return json.dumps([[m.get("config_hash"), m.get("finished_at")] for m in marks])
-
-
 def shards_to_score(store, dataset: str, cfg: QualityConfig) -> tuple[list[int], list[int], list[int]]:
-    """(to run, already done, raw shards not finished)."""
-    todo, done, waiting = [], [], []
-    for shard in planned_shards(store, dataset):
-        if read_marker(store, dataset, RAW, shard) is None:
-            waiting.append(shard)
-            continue
-        marker = read_marker(store, dataset, STAGE, shard)
-        fresh = (marker is not None and marker.get("config_hash") == cfg.config_hash()
-                 and marker.get("input_marker") == _fingerprint(store, dataset, shard))
-        (done if fresh else todo).append(shard)
-    return todo, done, waiting
+    """(to run, already done, raw shards not finished). A re-fused or re-translated shard is re-scored (its image
+    embeddings are reused)."""
+    return shard_status(store, dataset, STAGE, cfg.config_hash(), UPSTREAM)

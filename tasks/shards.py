@@ -79,6 +79,29 @@ def write_marker(store: ArtifactStore, dataset: str, stage: str, shard: int, sta
                    {**stats, "flow_run_id": flow_run.id, "finished_at": time.time()})
 
 
+def upstream_fingerprint(store: ArtifactStore, dataset: str, shard: int, stages: tuple[str, ...]) -> str:
+    """What a stage's shard was made from: the done markers of the stage outputs it read. A re-run of any of them
+    changes the fingerprint and so invalidates the shard."""
+    marks = [read_marker(store, dataset, stage, shard) or {} for stage in stages]
+    return json.dumps([[m.get("config_hash"), m.get("finished_at")] for m in marks])
+
+
+def shard_status(store: ArtifactStore, dataset: str, stage: str, config_hash: str, upstream: tuple[str, ...],
+                 required: tuple[str, ...] = ("raw",)) -> tuple[list[int], list[int], list[int]]:
+    """(to run, already done, waiting) for a later stage: a shard waits until the `required` stages finished it,
+    and is done when its marker carries `config_hash` and the current fingerprint of the `upstream` stages."""
+    todo, done, waiting = [], [], []
+    for shard in planned_shards(store, dataset):
+        if any(read_marker(store, dataset, s, shard) is None for s in required):
+            waiting.append(shard)
+            continue
+        marker = read_marker(store, dataset, stage, shard)
+        fresh = (marker is not None and marker.get("config_hash") == config_hash
+                 and marker.get("input_marker") == upstream_fingerprint(store, dataset, shard, upstream))
+        (done if fresh else todo).append(shard)
+    return todo, done, waiting
+
+
 class TarWriter:
     """Writes a WebDataset tar to a local temporary file; `finish()` returns its path."""
 

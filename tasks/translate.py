@@ -26,7 +26,6 @@ Quality estimation (`check_translation`), every reason a 'kind: detail' string; 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import time
@@ -41,7 +40,7 @@ from infra.settings import TranslateConfig
 from infra.store import StoreError, open_store
 from tasks.guards import LANGID_MIN_WORDS, detect_language, find_injection, normalize_text
 from tasks.ingest import STAGE as RAW
-from tasks.shards import read_marker, stage_key, write_marker
+from tasks.shards import read_marker, shard_status, stage_key, upstream_fingerprint, write_marker
 
 STAGE = "translated"
 FUSED = "fused"
@@ -515,7 +514,8 @@ def translate_shard(store_uri: str, dataset: str, shard: int, cfg: TranslateConf
         raise RuntimeError(f"{len(transient)} translations failed on transient errors (e.g. {transient[0]}); "
                            "the shard is retried, keeping the translations already made")
     stats = {
-        "shard": shard, "config_hash": cfg.config_hash(), "input_marker": _fingerprint(store, dataset, shard, cfg),
+        "shard": shard, "config_hash": cfg.config_hash(),
+        "input_marker": upstream_fingerprint(store, dataset, shard, _upstream(cfg)),
         "samples": len({u.key for u in units}), "rows": len(rows),
         "counts": dict(Counter(r["status"] for r in rows)),
         "languages": dict(Counter(r["lang"] for r in rows)),
@@ -529,12 +529,9 @@ def translate_shard(store_uri: str, dataset: str, shard: int, cfg: TranslateConf
     return stats
 
 
-def _fingerprint(store, dataset: str, shard: int, cfg: TranslateConfig) -> str:
-    """What translation ran on: the raw marker and, when caption fields are translated, the fused marker (so a
-    re-ingest or a re-fuse invalidates the translated shard)."""
-    stages = (RAW, FUSED) if needs_fused(cfg) else (RAW,)
-    marks = [read_marker(store, dataset, stage, shard) or {} for stage in stages]
-    return json.dumps([[m.get("config_hash"), m.get("finished_at")] for m in marks])
+def _upstream(cfg: TranslateConfig) -> tuple[str, ...]:
+    """What translation reads: the raw shard and, when caption fields are translated, the fused one."""
+    return (RAW, FUSED) if needs_fused(cfg) else (RAW,)
 
 
 def shards_to_translate(store, dataset: str, cfg: TranslateConfig) -> tuple[list[int], list[int], list[int]]:
@@ -548,14 +545,4 @@ def shards_to_translate(store, dataset: str, cfg: TranslateConfig) -> tuple[list
         raise ValueError(f"translate.fields asks for {fields}, which come from the fused stage, but dataset "
                          f"{dataset!r} was never fused: run `capfactory fuse --dataset {dataset}` first, or translate "
                          "--fields alt_text")
-    todo, done, waiting = [], [], []
-    for shard in shards:
-        upstream = (RAW, FUSED) if needs_fused(cfg) else (RAW,)
-        if any(read_marker(store, dataset, stage, shard) is None for stage in upstream):
-            waiting.append(shard)
-            continue
-        marker = read_marker(store, dataset, STAGE, shard)
-        fresh = (marker is not None and marker.get("config_hash") == cfg.config_hash()
-                 and marker.get("input_marker") == _fingerprint(store, dataset, shard, cfg))
-        (done if fresh else todo).append(shard)
-    return todo, done, waiting
+    return shard_status(store, dataset, STAGE, cfg.config_hash(), _upstream(cfg), required=_upstream(cfg))

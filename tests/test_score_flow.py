@@ -26,24 +26,6 @@ from tasks.shards import stage_key
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO.parent / "shared" / "data" / "photos"
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> str:
-    open_clip = pytest.importorskip("open_clip")
-    import torch
-
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
-    torch.manual_seed(0)
-    torch.save(open_clip.create_model(f"local-dir:{folder}", pretrained=None).state_dict(),
-               folder / "open_clip_pytorch_model.bin")
-    return f"local-dir:{folder}"
 
 
 @pytest.fixture(scope="module")
