@@ -30,7 +30,7 @@ SHARED = ROOT.parent / "shared"
 
 from infra.loopback_server import ImageServer  # noqa: E402
 from infra.models import load_backend  # noqa: E402
-from infra.settings import DownloadConfig, ExpertsConfig, ImageConfig, IngestConfig, InputSpec  # noqa: E402
+from infra.settings import DownloadConfig, ExtractConfig, ImageConfig, IngestConfig, InputSpec  # noqa: E402
 from infra.store import LocalStore  # noqa: E402
 from tasks.extract import extract_shard, plan_experts, read_shard_images  # noqa: E402
 from tasks.ingest import ingest_shard, plan_ingest  # noqa: E402
@@ -54,7 +54,7 @@ def timed(fn, *args) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def direct_per_expert(images: list[Image.Image], cfg: ExpertsConfig, models: str) -> list[dict]:
+def direct_per_expert(images: list[Image.Image], cfg: ExtractConfig, models: str) -> list[dict]:
     from tasks.attributes import object_attributes
 
     plan = plan_experts(cfg, models)
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "experts.json")
     args = parser.parse_args(argv)
     models = str(SHARED / "models")
-    cfg = ExpertsConfig()
+    cfg = ExtractConfig()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(Path(tmp) / "store")

@@ -29,7 +29,7 @@ SHARED = ROOT.parent / "shared"
 PHOTOS = SHARED / "data" / "photos"
 
 from infra.loopback_server import ImageServer  # noqa: E402
-from infra.settings import DownloadConfig, ExpertsConfig, FuseConfig, IngestConfig, InputSpec  # noqa: E402
+from infra.settings import DownloadConfig, ExtractConfig, FuseConfig, IngestConfig, InputSpec  # noqa: E402
 from infra.store import LocalStore  # noqa: E402
 from tasks.extract import extract_shard  # noqa: E402
 from tasks.fuse import fuse_shard  # noqa: E402
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         icfg = IngestConfig(shard_size=10_000, download=DownloadConfig(allow_cidrs=("127.0.0.0/8",)))
         plan_ingest(store, "eval", [InputSpec(path=str(Path(tmp) / "u.parquet"))], icfg)
         ingest_shard(store.uri, "eval", 0, icfg)
-        extract_shard(store.uri, "eval", 0, ExpertsConfig(), str(SHARED / "models"))
+        extract_shard(store.uri, "eval", 0, ExtractConfig(), str(SHARED / "models"))
         cfg = FuseConfig()
         started = time.time()
         stats = fuse_shard(store.uri, "eval", 0, cfg)

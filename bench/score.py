@@ -51,7 +51,7 @@ def main() -> None:
 
     from infra.loopback_server import ImageServer
     from infra.models import load_backend
-    from infra.settings import DownloadConfig, IngestConfig, InputSpec, QualityConfig
+    from infra.settings import DownloadConfig, IngestConfig, InputSpec, ScoreConfig
     from infra.store import LocalStore
     from tasks.filters import apply_filters
     from tasks.ingest import dedup_dataset, ingest_shard, plan_ingest
@@ -87,14 +87,14 @@ def main() -> None:
             ingest_shard(store.uri, "coco", 0, cfg)
             dedup_dataset(store, "coco", cfg.phash_threshold)
         start = time.perf_counter()
-        stats = score_shard(store.uri, "coco", 0, QualityConfig())
+        stats = score_shard(store.uri, "coco", 0, ScoreConfig())
         results["score_shard_seconds"] = round(time.perf_counter() - start, 2)
         raw = store.get_parquet(stage_key("coco", "raw", 0, "parquet"))
         scores = store.get_parquet(stage_key("coco", STAGE, 0, "parquet"),
                                    columns=["key", "nsfw", "lang_alt", "lang_alt_prob"])
         joined = raw.join(scores, "key")
         filters = {"datacomp_basic": True, "min_size": 200, "max_aspect": 3.0, "languages": ["en"], "nsfw_max": 0.5}
-        _, counts = apply_filters(joined, QualityConfig(filters=filters))
+        _, counts = apply_filters(joined, ScoreConfig(filters=filters))
         results.update(samples=stats["samples"], counts=stats["counts"], filters=filters, dropped=counts)
     print(json.dumps(results, indent=1))
     args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -9,6 +9,7 @@ COMPLETE, here row positions) or is about the whole table (schema, row count, dr
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +24,11 @@ from great_expectations.data_context.types.resource_identifiers import (
     ValidationResultIdentifier,
 )
 
-from expectations import experts, fused, raw, scores, translated
 from expectations.common import SuiteInputs
+from infra.stages import OUTPUT_STAGES
 
-# Suite name (= the stage's output folder in the store) -> its module, in pipeline order.
-SUITES = {m.SUITE: m for m in (raw, experts, fused, translated, scores)}
+# Suite name (= the stage whose output it checks) -> its module (expectations/<stage>.py), in pipeline order.
+SUITES = {name: importlib.import_module(f"expectations.{name}") for name in OUTPUT_STAGES}
 SITE = "capfactory"
 MAX_EXAMPLES = 3
 MAX_EXAMPLE_CHARS = 120

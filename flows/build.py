@@ -14,11 +14,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.stage import make_stage, needs_gpu, run_in_flow
 from infra.runtime import flow_runtime
-from infra.settings import STAGES, DatasetSpec, Settings, SpecError, build_spec, load_spec
-
-# Modules a local worker imports while the Prefect server boots (the first shard task of each stage needs them).
-WARM = ("tasks.ingest", "tasks.extract", "tasks.fuse")
+from infra.settings import DatasetSpec, Settings, SpecError, build_spec, load_spec
+from infra.stages import in_order
+from tasks.stage import ShardStage
 
 
 def resolve_build_spec(spec: DatasetSpec | dict | str) -> DatasetSpec:
@@ -29,61 +29,26 @@ def resolve_build_spec(spec: DatasetSpec | dict | str) -> DatasetSpec:
     return build_spec(spec)
 
 
-def needs_gpu(spec: DatasetSpec, stages: tuple[str, ...]) -> bool:
-    """Whether any requested stage runs a model of the gpu profile (local workers then advertise GPU=1)."""
-    section = {"extract": "experts", "fuse": "fuse", "translate": "translate", "score": "quality"}
-    return any(getattr(spec, section[s]).profile == "gpu" for s in stages if s in section)
-
-
 def selected_stages(spec: DatasetSpec, stages: list[str] | None) -> tuple[str, ...]:
-    chosen = tuple(stages) if stages else spec.stages
-    unknown = [s for s in chosen if s not in STAGES]
-    if unknown:
-        raise SpecError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
-    return tuple(s for s in STAGES if s in chosen)  # always in pipeline order
+    try:
+        return in_order(tuple(stages) if stages else spec.stages)  # always in pipeline order
+    except ValueError as e:
+        raise SpecError(str(e)) from None
 
 
-def run_stage(stage: str, spec: DatasetSpec, store: str, models_dir: str, runner, progress: bool) -> dict:
-    """One stage flow as a subflow of the current flow run, on the shared task runner."""
-    name = spec.name
-    if stage == "ingest":
-        from flows.ingest import ingest_flow
+def build_stages(spec: DatasetSpec, chosen: tuple[str, ...]) -> list:
+    """The chosen stages configured by the spec; every shard stage is planned here, so a model that cannot be
+    provided fails before anything starts."""
+    models_dir = str(Path(Settings().models_dir).resolve())
+    stages = [make_stage(name, spec, models_dir) for name in chosen]
+    for stage in stages:
+        if isinstance(stage, ShardStage):
+            stage.plan()
+    return stages
 
-        return ingest_flow.with_options(task_runner=runner)(
-            dataset=name, inputs=list(spec.inputs), store=store, config=spec.ingest, progress=progress)
-    if stage == "extract":
-        from flows.extract import extract_flow
 
-        return extract_flow.with_options(task_runner=runner)(
-            dataset=name, store=store, config=spec.experts, models_dir=models_dir, progress=progress)
-    if stage == "fuse":
-        from flows.fuse import fuse_flow
-
-        return fuse_flow.with_options(task_runner=runner)(dataset=name, store=store, config=spec.fuse,
-                                                          progress=progress)
-    if stage == "translate":
-        from flows.translate import translate_flow
-
-        return translate_flow.with_options(task_runner=runner)(
-            dataset=name, store=store, config=spec.translate, models_dir=models_dir, progress=progress)
-    if stage == "score":
-        from flows.score import score_flow
-
-        return score_flow.with_options(task_runner=runner)(
-            dataset=name, store=store, config=spec.quality, models_dir=models_dir, progress=progress)
-    if stage == "validate":
-        from flows.validate import validate_flow
-
-        return validate_flow.with_options(task_runner=runner)(dataset=name, store=store, spec=spec,
-                                                              progress=progress)
-    if stage == "publish":
-        from flows.publish import publish_flow
-
-        return publish_flow.with_options(task_runner=runner)(dataset=name, store=store, spec=spec,
-                                                             progress=progress)
-    from flows.report import report_flow
-
-    return report_flow.with_options(task_runner=runner)(dataset=name, store=store, spec=spec)
+def _warm(stages) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(m for s in stages for m in s.warm))
 
 
 @flow(name="build", log_prints=True)
@@ -93,23 +58,23 @@ def build_flow(spec: dict | str, stages: list[str] | None = None, dask_address: 
     Prefect worker, it starts a LocalCluster (or attaches to `dask_address` / CAPFACTORY_DASK_ADDRESS)."""
     logger = get_run_logger()
     ds = resolve_build_spec(spec)
-    chosen = selected_stages(ds, stages)
+    stages = build_stages(ds, selected_stages(ds, stages))
     settings = Settings()
     store = ds.store or settings.store
-    models_dir = str(Path(settings.models_dir).resolve())
     results: dict[str, Any] = {"dataset": ds.name, "store": store, "stages": {}, "seconds": {}}
     with flow_runtime(dask_address or settings.dask_address, workers or settings.dask_workers,
-                      gpu=needs_gpu(ds, chosen), warm=WARM) as runner:
-        for stage in chosen:
-            logger.info("stage %s of %s", stage, ds.name)
+                      gpu=needs_gpu(stages), warm=_warm(stages)) as runner:
+        for stage in stages:
+            logger.info("stage %s of %s", stage.name, ds.name)
             started = time.monotonic()
             try:
-                results["stages"][stage] = run_stage(stage, ds, store, models_dir, runner, progress)
+                results["stages"][stage.name] = run_in_flow(stage, ds, store, runner, progress)
             except Exception as e:
-                raise RuntimeError(f"stage {stage!r} of {ds.name!r} failed: {e}; fix it and run build again: "
+                raise RuntimeError(f"stage {stage.name!r} of {ds.name!r} failed: {e}; fix it and run build again: "
                                    "finished shards of every stage are kept") from e
             finally:
-                results["seconds"][stage] = round(time.monotonic() - started, 2)
+                results["seconds"][stage.name] = round(time.monotonic() - started, 2)
+    chosen = list(results["seconds"])
     rows = "\n".join(f"| {s} | {results['seconds'][s]} |" for s in chosen)
     create_markdown_artifact(f"# Build of `{ds.name}`\n\n| stage | seconds |\n|---|---|\n{rows}\n",
                              key="build-summary", description=f"build of {ds.name}")
@@ -122,8 +87,9 @@ def run_build(spec: DatasetSpec | dict | str, stages: list[str] | None = None, d
     cluster start side by side, then the build flow runs on them."""
     ds = resolve_build_spec(spec)
     chosen = selected_stages(ds, stages)
+    built = build_stages(ds, chosen)
     settings = Settings()
     with flow_runtime(dask_address or settings.dask_address, workers or settings.dask_workers,
-                      gpu=needs_gpu(ds, chosen), warm=WARM) as runner:
-        return build_flow(spec=ds.model_dump(mode="json", exclude_unset=True), stages=list(chosen),
-                          dask_address=runner.address, workers=workers, progress=progress)
+                      gpu=needs_gpu(built), warm=_warm(built)) as runner:
+        return build_flow(spec=ds.to_json(), stages=list(chosen), dask_address=runner.address, workers=workers,
+                          progress=progress)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from infra.loopback_server import ImageServer
-from infra.settings import ExpertsConfig, Settings
+from infra.settings import ExtractConfig, Settings
 from tasks.inputs import InputError
 
 # The photos and an alt-text for each, as a web page might carry it.
@@ -58,7 +58,7 @@ def run_demo(store: str | None, samples: int, dataset: str) -> dict:
 
     photos = sample_photos()
     models_dir = Settings().models_dir
-    detector = Path(models_dir) / ExpertsConfig().detector.model
+    detector = Path(models_dir) / ExtractConfig().detector.model
     experts = ["ocr", "objects", "attributes"] if detector.is_file() else ["ocr"]
     if not detector.is_file():
         print(f"(no detector model at {detector}: the demo runs OCR only; set CAPFACTORY_MODELS_DIR to a folder "
@@ -76,7 +76,7 @@ def run_demo(store: str | None, samples: int, dataset: str) -> dict:
             "ingest": {"shard_size": max(50, (len(urls) + 1) // 2),
                        "download": {"allow_cidrs": ["127.0.0.0/8"], "total_timeout": 10, "retries": 1,
                                     "backoff": 0.1}},
-            "experts": {"experts": experts},
+            "extract": {"experts": experts},
             "translate": {"languages": ["pt"]},
         }
         return run_build(spec, progress=True)

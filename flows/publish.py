@@ -7,9 +7,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.common import gather_shards
-from infra.runtime import flow_runtime
-from infra.settings import DatasetSpec, PublishConfig, Settings
-from infra.store import open_store
+from flows.stage import open_dataset
+from infra.settings import DatasetSpec, PublishConfig
 from tasks.publish import STAGE, finish_publish, plan_publish, publish_shard
 
 
@@ -36,7 +35,7 @@ def publish_flow(dataset: str, store: str | None = None, spec: DatasetSpec | Non
     card, into `<dataset>/published/`."""
     logger = get_run_logger()
     spec = spec or DatasetSpec(name=dataset)
-    store_uri = open_store(store or spec.store or Settings().store).uri
+    store_uri = open_dataset(store or spec.store, dataset).uri
     plan = plan_task(store_uri, dataset, spec)
     logger.info("publishing %d of %d samples of %s in %d shards", plan["selected"], plan["samples"], dataset,
                 plan["shards"])
@@ -55,10 +54,3 @@ def publish_flow(dataset: str, store: str | None = None, spec: DatasetSpec | Non
         f"`samples.parquet`.\n\n| filter | samples failing |\n|---|---|\n{table}\n",
         key="publish-summary", description=f"release of {dataset}")
     return result
-
-
-def run_publish(dataset: str, store: str | None = None, spec: DatasetSpec | None = None,
-                dask_address: str | None = None, workers: int | None = None, progress: bool = False) -> dict:
-    with flow_runtime(dask_address, workers, warm=("tasks.publish",)) as runner:
-        return publish_flow.with_options(task_runner=runner)(dataset=dataset, store=store, spec=spec,
-                                                             progress=progress)

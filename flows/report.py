@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from infra.runtime import flow_runtime
-from infra.settings import DatasetSpec, Settings
+from flows.stage import open_dataset
+from infra.settings import DatasetSpec
 from infra.store import open_store
 from tasks.report import write_report
 
@@ -20,7 +20,7 @@ def report_task(store_uri: str, dataset: str, spec: DatasetSpec) -> dict:
 def report_flow(dataset: str, store: str | None = None, spec: DatasetSpec | None = None) -> dict:
     """Write `<dataset>/report/index.html` (plots, filter counts, a gallery) and a summary artifact."""
     spec = spec or DatasetSpec(name=dataset)
-    store_uri = open_store(store or spec.store or Settings().store).uri
+    store_uri = open_dataset(store or spec.store, dataset).uri
     result = report_task.submit(store_uri, dataset, spec).result()
     get_run_logger().info("report of %s: %s", dataset, result["path"])
     rows = [("samples", result["samples"]), ("selected", result["selected"]),
@@ -34,9 +34,3 @@ def report_flow(dataset: str, store: str | None = None, spec: DatasetSpec | None
         f"self-contained page): [`{result['path']}`]({result['path']})\n",
         key="dataset-report", description=f"report of {dataset}: {result['path']}")
     return {"dataset": dataset, "store": store_uri, **result}
-
-
-def run_report(dataset: str, store: str | None = None, spec: DatasetSpec | None = None,
-               dask_address: str | None = None, workers: int | None = None) -> dict:
-    with flow_runtime(dask_address, workers, warm=("tasks.report",)) as runner:
-        return report_flow.with_options(task_runner=runner)(dataset=dataset, store=store, spec=spec)

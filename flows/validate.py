@@ -7,9 +7,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 from tqdm import tqdm
 
-from infra.runtime import flow_runtime
-from infra.settings import DatasetSpec, Settings
-from infra.store import open_store
+from flows.stage import open_dataset
+from infra.settings import DatasetSpec
 from tasks.shards import planned_shards
 from tasks.validate import (
     ValidationFailed,
@@ -50,8 +49,8 @@ def validate_flow(dataset: str, store: str | None = None, spec: DatasetSpec | No
     logger = get_run_logger()
     spec = spec or DatasetSpec(name=dataset)
     cfg = spec.validation
-    store_uri = open_store(store or spec.store or Settings().store).uri
-    store = open_store(store_uri)
+    store = open_dataset(store or spec.store, dataset)
+    store_uri = store.uri
     if not planned_shards(store, dataset):
         raise ValueError(f"dataset {dataset!r} has no ingested shards in {store_uri}; run `capfactory ingest` first")
     suites, skipped = suites_to_run(store, dataset, cfg)
@@ -87,10 +86,3 @@ def validate_flow(dataset: str, store: str | None = None, spec: DatasetSpec | No
     if failures or errors:
         raise ValidationFailed("validation failed:\n" + "\n".join(failures + errors))
     return result
-
-
-def run_validate(dataset: str, store: str | None = None, spec: DatasetSpec | None = None,
-                 dask_address: str | None = None, workers: int | None = None, progress: bool = False) -> dict:
-    with flow_runtime(dask_address, workers, warm=("tasks.validate",)) as runner:
-        return validate_flow.with_options(task_runner=runner)(dataset=dataset, store=store, spec=spec,
-                                                              progress=progress)

@@ -37,6 +37,18 @@ PROFILES: dict[str, dict[str, str | None]] = {
             "nsfw": "open_nsfw"},
 }
 
+# Backends that cannot run without a CUDA device, and backends that never use one (HTTP clients of a server that
+# has its own). Every other backend runs on the GPU worker when its stage's profile is `gpu`.
+GPU_ONLY = frozenset({"vllm"})
+NO_DEVICE = frozenset({"openai"})
+
+
+def needs_gpu(profile: str, backends) -> bool:
+    """The one GPU placement rule: a stage's tasks ask for `GPU=1` (and local workers advertise it) when one of its
+    backends needs a GPU, or when its profile is `gpu` and one of them can use one."""
+    names = [b for b in backends if b]
+    return any(b in GPU_ONLY for b in names) or (profile == "gpu" and any(b not in NO_DEVICE for b in names))
+
 
 class ModelUnavailable(RuntimeError):
     """A configured model cannot be loaded; the message says which role/backend and how to provide it."""

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from infra.stages import LEGACY_FOLDERS, ORDER, OUTPUT_STAGES
 
 DEFAULT_STORE = "./capfactory-data"
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -111,7 +113,6 @@ class IngestConfig(_Strict):
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-ExpertName = Literal["ocr", "objects", "attributes", "caption"]
 DEFAULT_TAGS = (
     "indoor", "outdoor", "daytime", "night", "portrait", "landscape", "close-up", "aerial view", "text", "logo",
     "people", "animal", "vehicle", "food", "building", "nature", "water", "sky", "snow", "sports",
@@ -156,9 +157,12 @@ class CaptionerConfig(_Strict):
     timeout: float = Field(default=60.0, gt=0)
 
 
-class ExpertsConfig(_Strict):
+class ExtractConfig(_Strict):
+    """The vision experts (tasks/extract.py): which experts run, and each role's backend."""
+
     profile: Literal["cpu", "gpu"] = "cpu"
-    experts: tuple[ExpertName, ...] = ("ocr", "objects", "attributes")
+    experts: tuple[str, ...] = Field(default=("ocr", "objects", "attributes"), min_length=1,
+                                     description="expert plug-ins to run (tasks/experts; checked when planned)")
     batch_size: int = Field(default=16, ge=1, le=4096)
     ocr: OCRConfig = OCRConfig()
     detector: DetectorConfig = DetectorConfig()
@@ -267,9 +271,9 @@ class TranslateConfig(_Strict):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class QualityConfig(_Strict):
-    """Scores (CLIP, NSFW, language), semantic dedup and the filters applied as views (tasks/score.py,
-    tasks/safety.py, tasks/semdedup.py, tasks/filters.py)."""
+class ScoreConfig(_Strict):
+    """The `score` stage: scores (CLIP, NSFW, language), semantic dedup and the filters applied as views
+    (tasks/score.py, tasks/safety.py, tasks/semdedup.py, tasks/filters.py)."""
 
     class SemDedup(_Strict):
         """SemDeDup on the CLIP image embeddings: k-means, then near-duplicates inside each cluster."""
@@ -327,8 +331,8 @@ class ValidateConfig(_Strict):
 
     on_failure: Literal["quarantine", "fail"] = Field(
         default="quarantine", description="quarantine: set failing rows aside; fail: the run fails")
-    stages: tuple[Literal["raw", "experts", "fused", "translated", "scores"], ...] | None = Field(
-        default=None, description="suites to run (stage output folders); default: every output present")
+    stages: tuple[Literal[OUTPUT_STAGES], ...] | None = Field(
+        default=None, description="suites to run (one per stage output); default: every output present")
     caption_min_chars: int = Field(default=1, ge=1)
     caption_max_chars: int = Field(default=2000, ge=1)
     alt_text_max_chars: int = Field(default=4000, ge=1)
@@ -339,7 +343,13 @@ class ValidateConfig(_Strict):
     drift_tolerance: float = Field(default=0.1, gt=0, description="allowed shift of a score's mean and median")
     drift_max_kl: float = Field(default=0.5, gt=0, description="KL divergence bound against the reference")
     drift_min_rows: int = Field(default=30, ge=1, description="fewer scored rows in a shard: no drift check")
-    data_docs: bool = Field(default=True, description="build GX data docs into <dataset>/validation/data_docs/")
+    data_docs: bool = Field(default=True, description="build GX data docs into <dataset>/validate/data_docs/")
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _legacy_suites(cls, value):
+        # Suites were named after the old stage folders (raw, experts, fused, translated, scores).
+        return None if value is None else [LEGACY_FOLDERS.get(v, v) for v in value]
 
     def config_hash(self) -> str:
         data = self.model_dump(mode="json", exclude={"data_docs"})
@@ -362,8 +372,10 @@ class PublishConfig(_Strict):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
-StageName = Literal["ingest", "extract", "fuse", "translate", "score", "validate", "publish", "report"]
-STAGES: tuple[StageName, ...] = ("ingest", "extract", "fuse", "translate", "score", "validate", "publish", "report")
+StageName = Literal[ORDER]
+# Spec sections named before every stage had one name, and their current names (`validation`, the old name of
+# `validate`, is still the Python attribute and so is read as it is).
+LEGACY_SECTIONS = {"experts": "extract", "quality": "score"}
 
 
 InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "folder"]
@@ -379,17 +391,43 @@ class InputSpec(_Strict):
 
 
 class DatasetSpec(_Strict):
+    """A dataset: its inputs, and one config section per stage, named as the stage (`validate` is `validation`
+    in Python only, because pydantic models have a `validate` method)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     name: str
     store: str | None = None
     inputs: list[InputSpec] = []
     ingest: IngestConfig = IngestConfig()
-    experts: ExpertsConfig = ExpertsConfig()
+    extract: ExtractConfig = ExtractConfig()
     fuse: FuseConfig = FuseConfig()
     translate: TranslateConfig = TranslateConfig()
-    quality: QualityConfig = QualityConfig()
-    validation: ValidateConfig = ValidateConfig()
+    score: ScoreConfig = ScoreConfig()
+    validation: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
     publish: PublishConfig = PublishConfig()
-    stages: tuple[StageName, ...] = Field(default=STAGES, description="what `capfactory build` runs, in order")
+    stages: tuple[StageName, ...] = Field(default=ORDER, description="what `capfactory build` runs, in order")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_sections(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in LEGACY_SECTIONS.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"`{old}` is the old name of the `{new}` section: give only `{new}`")
+                data[new] = data.pop(old)
+        return data
+
+    def section(self, stage: str) -> BaseModel:
+        """The config section of a stage."""
+        return self.validation if stage == "validate" else getattr(self, stage)
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as given (unset fields left out), with the current section names."""
+        return self.model_dump(mode="json", exclude_unset=True, by_alias=True)
 
     @field_validator("name")
     @classmethod

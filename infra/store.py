@@ -54,6 +54,11 @@ class ArtifactStore(ABC):
     def delete(self, key: str) -> None:
         """Remove `key`; a missing key is not an error."""
 
+    def move(self, src: str, dst: str) -> None:
+        """Move an object to another key (copy, then delete the source)."""
+        self.put_bytes(dst, self.get_bytes(src))
+        self.delete(src)
+
     def put_json(self, key: str, value: Any) -> None:
         self.put_bytes(key, json.dumps(value, indent=1, sort_keys=True, default=str).encode())
 
@@ -130,6 +135,11 @@ class LocalStore(ArtifactStore):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def move(self, src: str, dst: str) -> None:
+        target = self._path(dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._path(src), target)
 
 
 class S3Store(ArtifactStore):

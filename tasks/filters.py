@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from infra.settings import QualityConfig
+from infra.settings import ScoreConfig
 
 LAION_EN, LAION_OTHER = 0.28, 0.26
 DATACOMP_MIN_SIDE, DATACOMP_MAX_ASPECT, DATACOMP_MIN_WORDS = 200, 3.0, 3
@@ -83,7 +83,7 @@ def _top_k(table: pa.Table, score: np.ndarray, percent: float) -> np.ndarray:
     return fails
 
 
-def apply_filters(table: pa.Table, cfg: QualityConfig) -> tuple[pa.Table, dict]:
+def apply_filters(table: pa.Table, cfg: ScoreConfig) -> tuple[pa.Table, dict]:
     """(table with `failed_filters` and `selected`, {filter: rows failed, ..., "selected": n, "skipped": [...]})."""
     f = cfg.filters
     n = table.num_rows

@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
-from collections import Counter
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -24,21 +22,16 @@ from pathlib import Path
 import pyarrow as pa
 import yaml
 
-from infra.models import PROFILES, ModelUnavailable, backend_class, load_backend
+from infra.models import PROFILES, ModelUnavailable, backend_class, load_backend, needs_gpu
 from infra.settings import FuseConfig
-from infra.store import StoreError, open_store
-from tasks.extract import STAGE as EXPERTS
 from tasks.guards import check_caption, find_injection, injection_payloads
-from tasks.ingest import STAGE as RAW
-from tasks.shards import read_marker, shard_status, stage_key, upstream_fingerprint, write_marker
+from tasks.shards import RAW
+from tasks.stage import ShardContext, ShardOutput, ShardStage, StagePlan, counts_line, is_transient
 
-STAGE = "fused"
-UPSTREAM = (RAW, EXPERTS)  # the stage outputs fusion reads
+EXTRACT = "extract"
 PROMPTS = Path(__file__).with_name("prompts")
 MAX_FIELD_CHARS = 600  # untrusted text fields are cut to this length in prompts
 _DELIMITERS = re.compile(r"</?\s*data\s*>", re.IGNORECASE)
-# Completion errors (as the LLM backends label them) that mean "try again later", not "this prompt fails".
-TRANSIENT_ERRORS = {"timeout", "connection", "http_408", "http_429", "http_500", "http_502", "http_503", "http_504"}
 
 FUSED_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -179,31 +172,6 @@ def _cache_key(messages: list[dict], model_id: str, max_tokens: int, cfg: FuseCo
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _read_inputs(store, dataset: str, shard: int) -> tuple[list[dict], dict[str, dict]]:
-    raw = store.get_parquet(stage_key(dataset, RAW, shard, "parquet"), columns=["key", "status", "alt_text"])
-    try:
-        experts = store.get_parquet(stage_key(dataset, EXPERTS, shard, "parquet"),
-                                    columns=["key", "ocr_text", "objects", "caption_synthetic"])
-        by_key = {r["key"]: r for r in experts.to_pylist()}
-    except StoreError:
-        by_key = {}  # fusion from alt-text alone when the experts stage has not run
-    return raw.to_pylist(), by_key
-
-
-def _previous_completions(store, dataset: str, shard: int) -> dict[str, str]:
-    try:
-        old = store.get_parquet(stage_key(dataset, STAGE, shard, "parquet"),
-                                columns=["cache_short", "fused_short", "cache_dense", "fused_dense"]).to_pylist()
-    except (StoreError, KeyError, pa.ArrowInvalid):
-        return {}
-    cached = {}
-    for row in old:
-        for out in ("short", "dense"):
-            if row[f"cache_{out}"] and row[f"fused_{out}"] is not None:
-                cached[row[f"cache_{out}"]] = row[f"fused_{out}"]
-    return cached
-
-
 def rank_candidates(inputs: list[FuseInputs], images: dict[str, bytes] | None, scorer) -> None:
     """rank-and-fuse: score alt-text, synthetic caption and an OCR-based line with the image-text scorer and keep
     the best two per sample (in place)."""
@@ -222,112 +190,135 @@ def rank_candidates(inputs: list[FuseInputs], images: dict[str, bytes] | None, s
         item.candidates = [pool[i] for i in order[:2]]
 
 
-def fuse_shard(store_uri: str, dataset: str, shard: int, cfg: FuseConfig) -> dict:
-    """Fuse one shard; writes `<dataset>/fused/shard-NNNNN.parquet` and its done marker; returns stats."""
-    started = time.time()
-    store = open_store(store_uri)
-    raw_marker = read_marker(store, dataset, RAW, shard)
-    if raw_marker is None:
-        raise RuntimeError(f"raw shard {shard:05d} of {dataset} is not finished; run ingest first")
-    choice = plan_llm(cfg)
-    llm = load_backend("llm", choice.name, **choice.options)
-    raw_rows, experts = _read_inputs(store, dataset, shard)
-    cached = _previous_completions(store, dataset, shard)
-    inputs = []
-    for r in raw_rows:
-        e = experts.get(r["key"], {})
-        inputs.append(FuseInputs(r["key"], r["alt_text"], e.get("ocr_text"), e.get("objects"),
-                                 e.get("caption_synthetic")))
-    todo = [i for i, r in enumerate(raw_rows) if r["status"] == "ok"]
-    if cfg.mode == "rank-and-fuse":
-        from tasks.extract import read_shard_images
+class FuseStage(ShardStage):
+    name = "fuse"
+    description = "LLM fusion of alt-text and expert outputs into short and dense captions."
+    schema = FUSED_SCHEMA
+    reads = ("ingest", "extract")  # the experts' output where it exists; fusion from alt-text alone otherwise
+    published = ("caption_short", "caption_dense", "short_passed", "dense_passed")
+    retries = 2
+    warm = ("tasks.fuse",)
 
-        scorer = load_backend("clip", "open_clip", model=cfg.clip.model, pretrained=cfg.clip.pretrained)
-        rank_candidates([inputs[i] for i in todo], read_shard_images(store, dataset, shard), scorer)
+    def plan(self) -> StagePlan:
+        choice = plan_llm(self.config)
+        model = choice.options.get("model") or choice.options.get("model_path") or ""
+        return StagePlan({"llm": f"{choice.name} {model}".strip()}, needs_gpu(self.config.profile, [choice.name]),
+                         choice)
 
-    # One prompt per (sample, output); completions already in the cache are not requested again.
+    def process(self, ctx: ShardContext) -> ShardOutput:
+        cfg = self.config
+        choice = plan_llm(cfg)
+        llm = load_backend("llm", choice.name, **choice.options)
+        raw_rows = ctx.read_rows(RAW, ["key", "status", "alt_text"])
+        experts = {r["key"]: r for r in ctx.read_rows(EXTRACT, ["key", "ocr_text", "objects", "caption_synthetic"],
+                                                      missing_ok=True)}
+        inputs = [FuseInputs(r["key"], r["alt_text"], experts.get(r["key"], {}).get("ocr_text"),
+                             experts.get(r["key"], {}).get("objects"),
+                             experts.get(r["key"], {}).get("caption_synthetic")) for r in raw_rows]
+        todo = [i for i, r in enumerate(raw_rows) if r["status"] == "ok"]
+        if cfg.mode == "rank-and-fuse":
+            scorer = load_backend("clip", "open_clip", model=cfg.clip.model, pretrained=cfg.clip.pretrained)
+            rank_candidates([inputs[i] for i in todo], ctx.images(), scorer)
+        cached = _previous_completions(ctx)
+        requests, injections = _requests(inputs, todo, cfg, llm.model_id)
+        missing = list({r[3]: r for r in requests if r[3] not in cached}.values())
+        answers = {key: (text, None) for key, text in cached.items()} | _complete(llm, missing, cfg)
+        completions = {(i, out): (*answers[key], key) for i, out, _, key in requests}
+        provenance = [("llm", llm.model_id), ("mode", cfg.mode), ("prompt_version", cfg.prompt_version),
+                      ("prompt_hash", prompt_hash(cfg.prompt_version, cfg.mode)), ("config_hash", self.config_hash)]
+        rows = [_fused_row(r, inputs[i], injections, completions, i, cfg, provenance)
+                for i, r in enumerate(raw_rows)]
+        stats = {
+            "llm_calls": len(missing), "cache_hits": sum(1 for r in requests if r[3] in cached),
+            "passed": {out: sum(1 for r in rows if r[f"{out}_passed"]) for out in cfg.outputs},
+            "injections_found": sum(1 for r in rows if r["input_injection"]),
+            "provenance": {"llm": llm.model_id, "prompt_hash": prompt_hash(cfg.prompt_version, cfg.mode)},
+        }
+        return ShardOutput(rows, stats, [e for _, e in answers.values() if is_transient(e)])
+
+    def summary(self, result: dict) -> list[str]:
+        return [counts_line("status", result.get("counts", {})),
+                f"  captions that passed their guards: {result.get('passed', {})}; LLM calls "
+                f"{result.get('llm_calls', 0)}, cache hits {result.get('cache_hits', 0)}; inputs with injected "
+                f"instructions: {result.get('injections_found', 0)}",
+                *(f"  {k}: {v}" for k, v in result.get("provenance", {}).items())]
+
+
+def _previous_completions(ctx: ShardContext) -> dict[str, str]:
+    """cache key -> completion, from the shard's previous output (kept even when its marker was not written)."""
+    cached = {}
+    for row in ctx.read_rows(FuseStage.name, ["cache_short", "fused_short", "cache_dense", "fused_dense"],
+                             missing_ok=True):
+        for out in ("short", "dense"):
+            if row[f"cache_{out}"] and row[f"fused_{out}"] is not None:
+                cached[row[f"cache_{out}"]] = row[f"fused_{out}"]
+    return cached
+
+
+def _requests(inputs: list[FuseInputs], todo: list[int], cfg: FuseConfig, model_id: str
+              ) -> tuple[list[tuple[int, str, list[dict], str]], dict[int, str | None]]:
+    """One prompt per (sample, output) with its cache key, and the injections found per sample."""
     requests: list[tuple[int, str, list[dict], str]] = []
     injections: dict[int, str | None] = {}
     for i in todo:
         for out in cfg.outputs:
             messages, found = build_messages(inputs[i], cfg.mode, out, cfg.prompt_version)
             injections[i] = injections.get(i) or found
-            max_tokens = cfg.max_tokens_short if out == "short" else cfg.max_tokens_dense
-            requests.append((i, out, messages, _cache_key(messages, llm.model_id, max_tokens, cfg)))
-    # Identical prompts (duplicate images with the same alt-text) are sent once.
-    missing = list({r[3]: r for r in requests if r[3] not in cached}.values())
-    answers: dict[str, tuple[str | None, str | None]] = {key: (text, None) for key, text in cached.items()}
+            requests.append((i, out, messages, _cache_key(messages, model_id, _max_tokens(cfg, out), cfg)))
+    return requests, injections
+
+
+def _max_tokens(cfg: FuseConfig, out: str) -> int:
+    return cfg.max_tokens_short if out == "short" else cfg.max_tokens_dense
+
+
+def _complete(llm, missing: list[tuple[int, str, list[dict], str]], cfg: FuseConfig
+              ) -> dict[str, tuple[str | None, str | None]]:
+    """cache key -> (text, error) for the prompts not in the cache; identical prompts were merged before."""
+    answers = {}
     for out in cfg.outputs:
         batch = [r for r in missing if r[1] == out]
-        max_tokens = cfg.max_tokens_short if out == "short" else cfg.max_tokens_dense
         for start in range(0, len(batch), cfg.batch_size):
             chunk = batch[start:start + cfg.batch_size]
-            results = llm.generate([r[2] for r in chunk], max_tokens=max_tokens, temperature=cfg.temperature)
+            results = llm.generate([r[2] for r in chunk], max_tokens=_max_tokens(cfg, out),
+                                   temperature=cfg.temperature)
             for (_, _, _, key), res in zip(chunk, results, strict=True):
                 answers[key] = (res.text, res.error)
-    completions = {(i, out): (*answers[key], key) for i, out, _, key in requests}
+    return answers
 
-    rows, llm_calls = [], len(missing)
-    for i, r in enumerate(raw_rows):
-        row = {name: None for name in FUSED_SCHEMA.names}
-        # The fallback caption is the alt-text without any injected instructions (the `alt_text` column itself
-        # stays as it came).
-        fallback = _strip_injection(r["alt_text"])[0]
-        row.update(key=r["key"], alt_text=r["alt_text"], caption_short=fallback, caption_dense=fallback)
-        if i not in injections:
-            row["status"] = "skipped"
-            rows.append(row)
+
+def _fused_row(raw: dict, inputs: FuseInputs, injections: dict, completions: dict, i: int, cfg: FuseConfig,
+               provenance: list) -> dict:
+    row = {name: None for name in FUSED_SCHEMA.names}
+    # The fallback caption is the alt-text without any injected instructions (the `alt_text` column itself stays
+    # as it came).
+    fallback = _strip_injection(raw["alt_text"])[0]
+    row.update(key=raw["key"], alt_text=raw["alt_text"], caption_short=fallback, caption_dense=fallback)
+    if i not in injections:
+        row["status"] = "skipped"
+        return row
+    row["status"], row["input_injection"] = "ok", injections[i]
+    payloads = injection_payloads(inputs.alt_text or "") + injection_payloads(inputs.ocr_text or "")
+    mentioned, unsupported, errors = set(), set(), []
+    for out in cfg.outputs:
+        text, error, key = completions[(i, out)]
+        caption = normalise_output(text)
+        row[f"fused_{out}"], row[f"cache_{out}"] = caption, key
+        if caption is None:
+            row[f"{out}_passed"], row[f"{out}_reasons"] = False, [f"llm_error: {error or 'empty output'}"]
+            errors.append(out)
             continue
-        row["status"], row["input_injection"] = "ok", injections[i]
-        payloads = injection_payloads(inputs[i].alt_text or "") + injection_payloads(inputs[i].ocr_text or "")
-        mentioned, unsupported, errors = set(), set(), []
-        for out in cfg.outputs:
-            text, error, key = completions[(i, out)]
-            caption = normalise_output(text)
-            row[f"fused_{out}"], row[f"cache_{out}"] = caption, key
-            if caption is None:
-                row[f"{out}_passed"], row[f"{out}_reasons"] = False, [f"llm_error: {error or 'empty output'}"]
-                errors.append(out)
-                continue
-            verdict = check_caption(
-                caption, alt_text=inputs[i].alt_text, ocr_text=inputs[i].ocr_text, labels=inputs[i].labels,
-                min_words=cfg.min_words, max_words=cfg.max_words_short if out == "short" else cfg.max_words_dense,
-                language=cfg.language, max_unsupported=cfg.max_unsupported, injection_markers=payloads)
-            row[f"{out}_passed"], row[f"{out}_reasons"] = verdict.passed, verdict.reasons
-            mentioned |= set(verdict.mentioned)
-            unsupported |= set(verdict.unsupported)
-            if verdict.passed:
-                row[f"caption_{out}"] = caption
-        if errors and len(errors) == len(cfg.outputs):
-            row["status"] = "error"
-        row["mentioned"], row["unsupported"] = sorted(mentioned), sorted(unsupported)
-        row["provenance"] = [("llm", llm.model_id), ("mode", cfg.mode), ("prompt_version", cfg.prompt_version),
-                             ("prompt_hash", prompt_hash(cfg.prompt_version, cfg.mode)),
-                             ("config_hash", cfg.config_hash())]
-        rows.append(row)
-    table = pa.Table.from_pylist(rows, FUSED_SCHEMA)
-    store.put_parquet(stage_key(dataset, STAGE, shard, "parquet"), table)
-    transient = [e for _, e in answers.values() if e and e.split(":", 1)[0].strip() in TRANSIENT_ERRORS]
-    if transient:
-        # The server went away (or timed out): the completions that arrived are saved above without a done
-        # marker, so the retried shard only asks for the missing ones.
-        raise RuntimeError(f"{len(transient)} completions failed on transient errors (e.g. {transient[0]}); "
-                           "the shard is retried, keeping the completions already made")
-    counts = Counter(r["status"] for r in rows)
-    stats = {
-        "shard": shard, "config_hash": cfg.config_hash(),
-        "input_marker": upstream_fingerprint(store, dataset, shard, UPSTREAM),
-        "samples": len(rows), "counts": dict(counts), "llm_calls": llm_calls,
-        "cache_hits": sum(1 for r in requests if r[3] in cached),
-        "passed": {out: sum(1 for r in rows if r[f"{out}_passed"]) for out in cfg.outputs},
-        "injections_found": sum(1 for r in rows if r["input_injection"]),
-        "provenance": {"llm": llm.model_id, "prompt_hash": prompt_hash(cfg.prompt_version, cfg.mode)},
-        "seconds": round(time.time() - started, 3),
-    }
-    write_marker(store, dataset, STAGE, shard, stats)
-    return stats
-
-
-def shards_to_fuse(store, dataset: str, cfg: FuseConfig) -> tuple[list[int], list[int], list[int]]:
-    """(to run, already done, raw shards not finished). A re-run of ingest or the experts invalidates a shard."""
-    return shard_status(store, dataset, STAGE, cfg.config_hash(), UPSTREAM)
+        verdict = check_caption(
+            caption, alt_text=inputs.alt_text, ocr_text=inputs.ocr_text, labels=inputs.labels,
+            min_words=cfg.min_words, max_words=cfg.max_words_short if out == "short" else cfg.max_words_dense,
+            language=cfg.language, max_unsupported=cfg.max_unsupported, injection_markers=payloads)
+        row[f"{out}_passed"], row[f"{out}_reasons"] = verdict.passed, verdict.reasons
+        mentioned |= set(verdict.mentioned)
+        unsupported |= set(verdict.unsupported)
+        if verdict.passed:
+            row[f"caption_{out}"] = caption
+    if errors and len(errors) == len(cfg.outputs):
+        row["status"] = "error"
+    row["mentioned"], row["unsupported"] = sorted(mentioned), sorted(unsupported)
+    row["provenance"] = provenance
+    return row

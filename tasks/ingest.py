@@ -31,12 +31,13 @@ from tasks.shards import (
     input_key,
     planned_shards,
     read_marker,
-    read_tar_members,
+    read_shard_members,
     stage_key,
     write_marker,
 )
+from tasks.stage import ShardStage, counts_line
 
-STAGE = "raw"
+STAGE = "ingest"
 MANIFEST_BASE = ("key", "url", "alt_text", "source", "input_warning")
 
 
@@ -77,19 +78,26 @@ def plan_ingest(store: ArtifactStore, dataset: str, inputs: list[InputSpec], cfg
         sizes[next_id] = chunk.num_rows
         new.append(next_id)
         next_id += 1
-    config_hash = cfg.config_hash()
-    plan = IngestPlan(dataset, config_hash, [], [], [], new_samples=fresh.num_rows,
+    todo, retry, done = ingest_status(store, dataset, cfg, retry_failed)
+    return IngestPlan(dataset, cfg.config_hash(), todo, retry, done, new_samples=fresh.num_rows,
                       known_samples=table.num_rows - fresh.num_rows, duplicate_urls=total - table.num_rows,
                       reports=reports, samples_per_shard=sizes)
-    for shard in existing + new:
+
+
+def ingest_status(store: ArtifactStore, dataset: str, cfg: IngestConfig, retry_failed: bool = False
+                  ) -> tuple[list[int], list[int], list[int]]:
+    """(to ingest: new, unfinished or made with another config; to retry: finished with failed samples, when
+    `retry_failed`; done)."""
+    todo, retry, done = [], [], []
+    for shard in planned_shards(store, dataset):
         marker = read_marker(store, dataset, STAGE, shard)
-        if marker is None or marker.get("config_hash") != config_hash:
-            plan.todo.append(shard)
+        if marker is None or marker.get("config_hash") != cfg.config_hash():
+            todo.append(shard)
         elif retry_failed and marker.get("counts", {}).get("error", 0) > 0:
-            plan.retry.append(shard)
+            retry.append(shard)
         else:
-            plan.done.append(shard)
-    return plan
+            done.append(shard)
+    return todo, retry, done
 
 
 @dataclass(slots=True)
@@ -174,11 +182,8 @@ def ingest_shard(store_uri: str, dataset: str, shard: int, cfg: IngestConfig, re
     todo = [i for i, s in enumerate(samples) if not previous or previous[s["key"]]["status"] == "error"]
     results = dict(zip(todo, asyncio.run(fetch_and_process([samples[i] for i in todo], cfg)), strict=True))
 
+    old_members = read_shard_members(store, dataset, shard) if previous else {}
     with tempfile.TemporaryDirectory(prefix="capfactory-") as tmp:
-        old_members: dict[str, bytes] = {}
-        if previous:
-            store.get_file(stage_key(dataset, STAGE, shard, "tar"), Path(tmp) / "old.tar")
-            old_members = read_tar_members(Path(tmp) / "old.tar")
         writer = TarWriter(Path(tmp))
         rows = []
         for i, sample in enumerate(samples):
@@ -246,3 +251,60 @@ def dedup_dataset(store: ArtifactStore, dataset: str, threshold: int) -> dict:
                "phash_threshold": threshold}
     store.put_json(f"{dataset}/{STAGE}/_dedup.json", summary)
     return summary
+
+
+class IngestStage(ShardStage):
+    """Crawl ingest as a stage: `prepare` plans the inputs into shard manifests, each shard is downloaded by one
+    task, `finish` flags duplicates across the dataset. Run options: `inputs`, `retry_failed`."""
+
+    name = "ingest"
+    description = "Crawl, validate, resize, hash and dedup the spec's inputs into raw shards."
+    schema = INGEST_SCHEMA
+    reads = requires = ()
+    has_prepare = True
+    warm = ("tasks.ingest",)
+
+    @classmethod
+    def from_spec(cls, spec, models_dir: str | None = None, **options) -> IngestStage:
+        return cls(spec.ingest, models_dir, **{"inputs": list(spec.inputs), **options})
+
+    @property
+    def retry_failed(self) -> bool:
+        return bool(self.options.get("retry_failed"))
+
+    def prepare(self, store_uri: str, dataset: str) -> dict:
+        inputs = [InputSpec.model_validate(i) for i in self.options.get("inputs", ())]
+        plan = plan_ingest(open_store(store_uri), dataset, inputs, self.config, self.retry_failed)
+        return {"new_samples": plan.new_samples, "known_samples": plan.known_samples,
+                "duplicate_urls": plan.duplicate_urls, "rejected_input_rows": sum(r.rejected for r in plan.reports),
+                "warnings": [f"{r.path}: {r.rejected} rows rejected, e.g. {r.examples[:3]}" for r in plan.reports
+                             if r.rejected]}
+
+    def status(self, store: ArtifactStore, dataset: str) -> tuple[list[int], list[int], list[int]]:
+        todo, retry, done = ingest_status(store, dataset, self.config, self.retry_failed)
+        return sorted(todo + retry), done, []
+
+    def shard_samples(self, store: ArtifactStore, dataset: str, shard: int) -> int:
+        return store.get_parquet(input_key(dataset, shard), columns=["key"]).num_rows
+
+    def run_shard(self, store_uri: str, dataset: str, shard: int) -> dict:
+        # A finished shard (made with this config) is only run again to retry its failed samples.
+        marker = read_marker(open_store(store_uri), dataset, STAGE, shard)
+        retry = marker is not None and marker.get("config_hash") == self.config_hash
+        return ingest_shard(store_uri, dataset, shard, self.config, retry_failed=retry)
+
+    def finish(self, store_uri: str, dataset: str, stats: list[dict], done: list[int], failed: list[int]) -> dict:
+        return {"dedup": dedup_dataset(open_store(store_uri), dataset, self.config.phash_threshold)}
+
+    def summary(self, result: dict) -> list[str]:
+        lines = [f"  new samples: {result.get('new_samples', 0)}, already known: {result.get('known_samples', 0)}, "
+                 f"repeated URLs skipped: {result.get('duplicate_urls', 0)}",
+                 counts_line("status", result.get("counts", {}))]
+        if result.get("error_classes"):
+            top = sorted(result["error_classes"].items(), key=lambda kv: -kv[1])
+            lines.append("  errors: " + ", ".join(f"{k}={v}" for k, v in top))
+        d = result.get("dedup") or {}
+        if d:
+            lines.append(f"  duplicates: exact={d['exact_duplicates']} near={d['near_duplicates']} "
+                         f"(phash distance <= {d['phash_threshold']})")
+        return lines

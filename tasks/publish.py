@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import tarfile
 import tempfile
 import time
 from collections import Counter
@@ -28,25 +27,25 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from infra.settings import DatasetSpec, PublishConfig
+from infra.stages import OUTPUT_STAGES, stage_class
 from infra.store import ArtifactStore, StoreError, open_store
-from tasks.extract import EXPERTS_SCHEMA, IMAGE_EXTS
-from tasks.extract import STAGE as EXPERTS
 from tasks.filters import apply_filters
-from tasks.fuse import FUSED_SCHEMA
-from tasks.fuse import STAGE as FUSED
-from tasks.ingest import STAGE as RAW
-from tasks.shards import TarWriter, planned_shards, read_marker, shard_name, stage_key
+from tasks.semdedup import SEMDEDUP_KEY
+from tasks.shards import (
+    RAW,
+    TarWriter,
+    is_image_member,
+    planned_shards,
+    read_marker,
+    read_shard_members,
+    stage_key,
+)
+from tasks.stage import Stage, take_by_key
+from tasks.translate import TRANSLATION
 from tasks.validate import quarantined_keys, quarantined_translations
 
-STAGE = "published"
-TRANSLATED = "translated"  # folder names of the translate and score stages (see the contracts)
-SCORES = "scores"
-SEMDEDUP_KEY = "{dataset}/scores/_semdedup.parquet"
-EXPERT_COLUMNS = ("ocr_text", "objects", "object_counts", "tags", "caption_synthetic")
-FUSED_COLUMNS = ("caption_short", "caption_dense", "short_passed", "dense_passed")
-SCORE_PREFIXES = ("clip_", "nsfw", "lang_")
-TRANSLATION = pa.struct([("field", pa.string()), ("lang", pa.string()), ("text", pa.string()),
-                         ("status", pa.string()), ("qe_passed", pa.bool_()), ("qe_reasons", pa.list_(pa.string()))])
+STAGE = "publish"
+SEMDEDUP = "semdedup"  # the score stage's dataset-wide output, joined after the per-shard ones
 PROVENANCE = pa.map_(pa.string(), pa.string())
 
 
@@ -58,12 +57,6 @@ def _plan_key(dataset: str) -> str:
     return f"{dataset}/{STAGE}/_plan.parquet"
 
 
-def _take_by_key(keys: pa.Array, table: pa.Table, columns: list[str]) -> dict[str, pa.Array]:
-    """`columns` of `table` aligned to `keys` (null where a key has no row); works for nested types too."""
-    idx = pc.index_in(keys, value_set=table.column("key").combine_chunks())
-    return {c: table.column(c).combine_chunks().take(idx) for c in columns}
-
-
 def _read_done(store: ArtifactStore, dataset: str, stage: str, shard: int) -> pa.Table | None:
     """A stage's table for a shard, only once its done marker exists."""
     if read_marker(store, dataset, stage, shard) is None:
@@ -72,17 +65,6 @@ def _read_done(store: ArtifactStore, dataset: str, stage: str, shard: int) -> pa
         return store.get_parquet(stage_key(dataset, stage, shard, "parquet"))
     except StoreError:
         return None
-
-
-def _pivot_translations(keys: pa.Array, long: pa.Table, drop_failed: bool) -> pa.Array:
-    """The long translated table (one row per key, field, lang) as one list<struct> per key; translations that
-    failed (no text), and flagged ones with `drop_failed`, are left out."""
-    by_key: dict[str, list[dict]] = {}
-    for r in long.select(["key", *TRANSLATION.names]).to_pylist():
-        if r["text"] is None or r["status"] == "error" or (drop_failed and r["status"] != "ok"):
-            continue
-        by_key.setdefault(r["key"], []).append({n: r[n] for n in TRANSLATION.names})
-    return pa.array([by_key.get(k, []) for k in keys.to_pylist()], pa.list_(TRANSLATION))
 
 
 def _provenance(keys: list[str], parts: dict[str, pa.Table | None], runs: dict[str, str]) -> pa.Array:
@@ -99,26 +81,18 @@ def _provenance(keys: list[str], parts: dict[str, pa.Table | None], runs: dict[s
     return pa.array([sorted(m.items()) for m in merged], PROVENANCE)
 
 
-def _shard_columns(store: ArtifactStore, dataset: str, shard: int, drop_failed: bool,
-                   semdedup: pa.Table | None) -> tuple[pa.Table, dict[str, dict[str, pa.Array]]]:
+def _shard_columns(store: ArtifactStore, dataset: str, shard: int, releasing: list, semdedup: pa.Table | None,
+                   **options) -> tuple[pa.Table, dict[str, dict[str, pa.Array]]]:
     raw = store.get_parquet(stage_key(dataset, RAW, shard, "parquet"))
     keys = raw.column("key").combine_chunks()
     stages: dict[str, dict[str, pa.Array]] = {}
-    experts = _read_done(store, dataset, EXPERTS, shard)
-    if experts is not None:
-        stages[EXPERTS] = _take_by_key(keys, experts, list(EXPERT_COLUMNS))
-    fused = _read_done(store, dataset, FUSED, shard)
-    if fused is not None:
-        stages[FUSED] = _take_by_key(keys, fused, list(FUSED_COLUMNS))
-    translated = _read_done(store, dataset, TRANSLATED, shard)
-    if translated is not None:
-        stages[TRANSLATED] = {"translations": _pivot_translations(keys, translated, drop_failed)}
-    scores = _read_done(store, dataset, SCORES, shard)
-    if scores is not None:
-        stages[SCORES] = _take_by_key(keys, scores, [c for c in scores.column_names if c.startswith(SCORE_PREFIXES)])
+    parts: dict[str, pa.Table | None] = {RAW: None}
+    for stage in releasing:
+        parts[stage.name] = _read_done(store, dataset, stage.name, shard)
+        if parts[stage.name] is not None:
+            stages[stage.name] = stage.release_columns(keys, parts[stage.name], **options)
     if semdedup is not None:
-        stages["semdedup"] = _take_by_key(keys, semdedup, ["semdedup_duplicate_of"])
-    parts = {RAW: None, EXPERTS: experts, FUSED: fused, TRANSLATED: translated, SCORES: scores}
+        stages[SEMDEDUP] = take_by_key(keys, semdedup, ["semdedup_duplicate_of"])
     raw = raw.append_column("raw_shard", pa.array([shard] * raw.num_rows, pa.int32()))
     runs = {stage: marker["flow_run_id"] for stage in (RAW, *(s for s, t in parts.items() if t is not None))
             if (marker := read_marker(store, dataset, stage, shard)) and marker.get("flow_run_id")}
@@ -126,20 +100,11 @@ def _shard_columns(store: ArtifactStore, dataset: str, shard: int, drop_failed: 
     return raw, stages
 
 
-def _known_type(stage: str, column: str, seen: dict[str, pa.DataType]) -> pa.DataType:
-    if stage == EXPERTS:
-        return EXPERTS_SCHEMA.field(column).type
-    if stage == FUSED:
-        return FUSED_SCHEMA.field(column).type
-    return seen[column]
-
-
 def joined_table(store: ArtifactStore, dataset: str, shards: list[int] | None = None,
                  drop_failed_translations: bool = False) -> pa.Table:
-    """Every raw row of the finished raw shards with what each later stage added, joined by key: raw columns,
-    experts, fused captions, `translations`, scores, `semdedup_duplicate_of`, then `raw_shard` and a merged
-    `provenance` map. A stage that ran on no shard contributes no column; one that ran on some shards gives nulls
-    on the others."""
+    """Every raw row of the finished raw shards with what each later stage releases (its `release_columns`, in
+    pipeline order), joined by key, then `semdedup_duplicate_of`, `raw_shard` and a merged `provenance` map. A
+    stage that ran on no shard contributes no column; one that ran on some shards gives nulls on the others."""
     done = [s for s in planned_shards(store, dataset) if read_marker(store, dataset, RAW, s) is not None]
     if shards is not None:
         done = [s for s in done if s in set(shards)]
@@ -149,25 +114,32 @@ def joined_table(store: ArtifactStore, dataset: str, shards: list[int] | None = 
         semdedup = store.get_parquet(SEMDEDUP_KEY.format(dataset=dataset))
     except StoreError:
         semdedup = None
-    per_shard = [_shard_columns(store, dataset, s, drop_failed_translations, semdedup) for s in done]
+    releasing = [stage_class(name)() for name in OUTPUT_STAGES if name != RAW]
+    per_shard = [_shard_columns(store, dataset, s, releasing, semdedup,
+                                drop_failed_translations=drop_failed_translations) for s in done]
     # Columns in stage order, from the union over shards, with their types.
+    stage_order = [*(s.name for s in releasing), SEMDEDUP]
+    schemas = {s.name: s.schema for s in releasing}
     order: list[tuple[str, str]] = []
     seen: dict[str, pa.DataType] = {}
     for _, stages in per_shard:
-        for stage in (EXPERTS, FUSED, TRANSLATED, SCORES, "semdedup"):
+        for stage in stage_order:
             for name, arr in stages.get(stage, {}).items():
                 if name not in seen:
                     seen[name] = arr.type
                     order.append((stage, name))
-    order.sort(key=lambda sn: (EXPERTS, FUSED, TRANSLATED, SCORES, "semdedup").index(sn[0]))
+    order.sort(key=lambda sn: stage_order.index(sn[0]))
     tables = []
     for raw, stages in per_shard:
         prov = raw.column("provenance")
         t = raw.drop_columns(["raw_shard", "provenance"])
         for stage, name in order:
             arr = stages.get(stage, {}).get(name)
-            t = t.append_column(name, arr if arr is not None else pa.nulls(raw.num_rows, _known_type(stage, name,
-                                                                                                   seen)))
+            if arr is None:
+                schema = schemas.get(stage)
+                arr = pa.nulls(raw.num_rows, schema.field(name).type if schema and name in schema.names
+                               else seen[name])
+            t = t.append_column(name, arr)
         tables.append(t.append_column("raw_shard", raw.column("raw_shard")).append_column("provenance", prov))
     return pa.concat_tables(tables, promote_options="default")
 
@@ -190,7 +162,7 @@ def select_samples(store: ArtifactStore, dataset: str, spec: DatasetSpec) -> tup
     stage quarantined left out: samples (filter name "quarantined") and single translations. Returns (table,
     counts per filter)."""
     table = joined_table(store, dataset, drop_failed_translations=spec.translate.drop_failed)
-    table, counts = apply_filters(table, spec.quality)
+    table, counts = apply_filters(table, spec.score)
     table, dropped = _drop_translations(table, quarantined_translations(store, dataset))
     quarantined = quarantined_keys(store, dataset)
     hit = pc.is_in(table.column("key"), value_set=pa.array(sorted(quarantined), pa.string())).to_pylist()
@@ -246,18 +218,11 @@ def chosen_caption(row: dict, field: str) -> str:
     return row.get(field) or row.get("alt_text") or ""
 
 
-def raw_images(store: ArtifactStore, dataset: str, shard: int, keys: set[str], workdir: Path) -> dict[str, tuple]:
+def raw_images(store: ArtifactStore, dataset: str, shard: int, keys: set[str]) -> dict[str, tuple[str, bytes]]:
     """{key: (ext, image bytes)} for `keys` from one raw tar, reading only those members."""
-    local = workdir / f"raw-{shard_name(shard)}.tar"
-    store.get_file(stage_key(dataset, RAW, shard, "tar"), local)
-    found = {}
-    with tarfile.open(local) as tar:
-        for member in tar:
-            key, _, ext = member.name.rpartition(".")
-            if member.isfile() and key in keys and f".{ext.lower()}" in IMAGE_EXTS:
-                found[key] = (ext, tar.extractfile(member).read())
-    local.unlink()
-    return found
+    members = read_shard_members(store, dataset, shard,
+                                 lambda name: is_image_member(name) and name.rpartition(".")[0] in keys)
+    return {name.rpartition(".")[0]: (name.rpartition(".")[2], data) for name, data in members.items()}
 
 
 def publish_shard(store_uri: str, dataset: str, shard: int, plan_key: str, cfg: PublishConfig) -> dict:
@@ -270,7 +235,7 @@ def publish_shard(store_uri: str, dataset: str, shard: int, plan_key: str, cfg: 
         images: dict[str, tuple] = {}
         for raw_shard in sorted({r["raw_shard"] for r in rows}):
             wanted = {r["key"] for r in rows if r["raw_shard"] == raw_shard}
-            images |= raw_images(store, dataset, raw_shard, wanted, Path(tmp))
+            images |= raw_images(store, dataset, raw_shard, wanted)
         missing = [r["key"] for r in rows if r["key"] not in images]
         if missing:
             raise RuntimeError(f"{len(missing)} selected samples have no image in their raw tar (e.g. {missing[0]}); "
@@ -316,7 +281,7 @@ def languages(table: pa.Table) -> list[str]:
 
 
 def stages_run(table: pa.Table) -> list[str]:
-    present = {"experts": "ocr_text", "fuse": "caption_short", "translate": "translations", "score": "nsfw",
+    present = {"extract": "ocr_text", "fuse": "caption_short", "translate": "translations", "score": "nsfw",
                "semdedup": "semdedup_duplicate_of"}
     return ["ingest", *(s for s, col in present.items() if col in table.column_names)]
 
@@ -377,7 +342,7 @@ def finish_publish(store_uri: str, dataset: str, spec: DatasetSpec, plan: dict, 
     marker = {
         "dataset": dataset, "samples": plan["samples"], "selected": plan["selected"], "shards": tars,
         "filters": plan["filters"], "config_hash": spec.publish.config_hash(),
-        "quality_config_hash": spec.quality.config_hash(), "bytes": sum(s["bytes"] for s in shard_stats),
+        "quality_config_hash": spec.score.config_hash(), "bytes": sum(s["bytes"] for s in shard_stats),
         "samples_sha256": hashlib.sha256(sink.getvalue()).hexdigest(), "published_at": time.time(),
     }
     store.put_json(_marker(dataset), marker)
@@ -395,3 +360,13 @@ def read_release(store: ArtifactStore, dataset: str) -> dict | None:
     except StoreError:
         return None
 
+
+class PublishStage(Stage):
+    name = "publish"
+    description = "Publish the selected samples as WebDataset + Parquet with a dataset card."
+    warm = ("tasks.publish",)
+
+    def summary(self, result: dict) -> list[str]:
+        return [f"dataset {result['dataset']}: {result['selected']} of {result['samples']} samples published in "
+                f"{len(result['shards'])} shards under {result['store']}/{result['folder']}/",
+                "  filters: " + ", ".join(f"{k}={v}" for k, v in result["filters"].items() if k != "skipped")]

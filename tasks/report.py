@@ -12,19 +12,18 @@ from __future__ import annotations
 import base64
 import html
 import io
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from matplotlib.figure import Figure
 from PIL import Image
 
-from infra.settings import DatasetSpec, QualityConfig
+from infra.settings import DatasetSpec, ScoreConfig
 from infra.store import ArtifactStore
 from tasks.publish import raw_images, read_release, select_samples, stages_run
+from tasks.stage import Stage
 
 STAGE = "report"
 THUMB = 192
@@ -70,7 +69,7 @@ def _column(table: pa.Table, name: str) -> list:
     return table.column(name).to_pylist() if name in table.column_names else []
 
 
-def thresholds(cfg: QualityConfig, table: pa.Table) -> dict[str, list[tuple[str, float]]]:
+def thresholds(cfg: ScoreConfig, table: pa.Table) -> dict[str, list[tuple[str, float]]]:
     """{score column: [(label, value)]} for the filters configured: CLIP minimums (LAION's 0.28/0.26 on the
     alt-text), the cut-off value of a CLIP top-k % filter on this data, and the NSFW maximum."""
     f = cfg.filters
@@ -90,7 +89,7 @@ def thresholds(cfg: QualityConfig, table: pa.Table) -> dict[str, list[tuple[str,
     return lines
 
 
-def _scores_section(table: pa.Table, cfg: QualityConfig) -> str:
+def _scores_section(table: pa.Table, cfg: ScoreConfig) -> str:
     columns = [c for c in ("clip_alt", "clip_short", "clip_dense", "nsfw") if c in table.column_names]
     if not columns:
         return NOT_RUN.format("Score")
@@ -200,10 +199,8 @@ def _gallery_section(store: ArtifactStore, dataset: str, table: pa.Table, n: int
     if not rows:
         return '<p class="not-run">No sample with an image.</p>'
     images: dict[str, tuple] = {}
-    with tempfile.TemporaryDirectory(prefix="capfactory-") as tmp:
-        for shard in sorted({r["raw_shard"] for r in rows}):
-            keys = {r["key"] for r in rows if r["raw_shard"] == shard}
-            images |= raw_images(store, dataset, shard, keys, Path(tmp))
+    for shard in sorted({r["raw_shard"] for r in rows}):
+        images |= raw_images(store, dataset, shard, {r["key"] for r in rows if r["raw_shard"] == shard})
     cards = []
     for r in rows:
         if r["key"] not in images:
@@ -246,7 +243,7 @@ def build_report(store: ArtifactStore, dataset: str, spec: DatasetSpec) -> tuple
     sections = {
         "Overview": _overview(dataset, table, counts, read_release(store, dataset)),
         "Status and errors": f'<div class="plots">{status_plots}</div>',
-        "Scores": _scores_section(table, spec.quality),
+        "Scores": _scores_section(table, spec.score),
         "Languages": _languages_section(table),
         "OCR coverage": _ocr_section(table),
         "Caption length": _length_section(table),
@@ -271,3 +268,14 @@ def write_report(store: ArtifactStore, dataset: str, spec: DatasetSpec) -> dict:
     key = f"{dataset}/{STAGE}/index.html"
     store.put_bytes(key, page.encode("utf-8"))
     return {**summary, "key": key, "path": f"{store.uri}/{key}", "bytes": len(page)}
+
+
+class ReportStage(Stage):
+    name = "report"
+    description = "The HTML report of the dataset: plots, filter counts, a sample gallery."
+    warm = ("tasks.report",)
+
+    def summary(self, result: dict) -> list[str]:
+        return [f"report of {result['dataset']}: {result['path']}",
+                f"  {result['selected']} of {result['samples']} samples selected; stages run: "
+                f"{', '.join(result['stages_run'])}"]

@@ -14,8 +14,6 @@ not be decoded; the error is kept, the others in the shard are still scored).
 from __future__ import annotations
 
 import io
-import time
-from collections import Counter
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -24,18 +22,16 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from infra.models import PROFILES, ModelUnavailable, backend_class, load_backend
-from infra.settings import ClipConfig, QualityConfig
-from infra.store import StoreError, open_store
+from infra.models import PROFILES, ModelUnavailable, backend_class, load_backend, needs_gpu
+from infra.settings import ClipConfig, ScoreConfig
+from infra.store import open_store
 from tasks.attributes import hub_offline
-from tasks.fuse import STAGE as FUSED
-from tasks.ingest import STAGE as RAW
-from tasks.shards import read_marker, shard_status, stage_key, upstream_fingerprint, write_marker
+from tasks.semdedup import semdedup_dataset
+from tasks.shards import RAW, read_marker
+from tasks.stage import ShardContext, ShardOutput, ShardStage, StagePlan, counts_line, take_by_key
 
-STAGE = "scores"
 EMBEDDINGS = "embeddings"
-TRANSLATED = "translated"
-UPSTREAM = (RAW, FUSED, TRANSLATED)  # the stage outputs the scores read, where they exist
+FUSE, TRANSLATE = "fuse", "translate"
 CAPTION_FIELDS = {"short": "caption_short", "dense": "caption_dense"}
 
 TRANSLATION_SCORE = pa.struct([("field", pa.string()), ("lang", pa.string()), ("score", pa.float32())])
@@ -130,7 +126,7 @@ def _clip_choice(clip: ClipConfig, backend: str | None, batch_size: int, models_
     return backend, {"model": clip.model, "pretrained": clip.pretrained, "batch_size": batch_size}
 
 
-def plan_scores(cfg: QualityConfig, models_dir: str | None = None) -> ScorePlan:
+def plan_scores(cfg: ScoreConfig, models_dir: str | None = None) -> ScorePlan:
     """The models of a config; raises ModelUnavailable before anything runs when one cannot be provided."""
     clip = _clip_choice(cfg.clip, cfg.clip.backend or PROFILES[cfg.profile]["clip"], cfg.batch_size, models_dir)
     translations = None
@@ -171,44 +167,35 @@ def language(text: str | None) -> tuple[str | None, float | None]:
 # ---- one shard -------------------------------------------------------------------------------------------------
 
 
-def _read_inputs(store, dataset: str, shard: int) -> tuple[list[dict], dict[str, dict], dict[str, list[dict]]]:
+def _read_inputs(ctx: ShardContext) -> tuple[list[dict], dict[str, dict], dict[str, list[dict]]]:
     """Raw rows; fused captions by key (empty when fuse has not run); translations by key (likewise)."""
-    raw = store.get_parquet(stage_key(dataset, RAW, shard, "parquet"), columns=["key", "status", "alt_text", "sha256"])
+    store, dataset, shard = ctx.store, ctx.dataset, ctx.shard
     fused: dict[str, dict] = {}
-    if read_marker(store, dataset, FUSED, shard) is not None:
-        table = store.get_parquet(stage_key(dataset, FUSED, shard, "parquet"),
-                                  columns=["key", *CAPTION_FIELDS.values()])
-        fused = {r["key"]: r for r in table.to_pylist()}
+    if read_marker(store, dataset, FUSE, shard) is not None:
+        fused = {r["key"]: r for r in ctx.read_rows(FUSE, ["key", *CAPTION_FIELDS.values()])}
     translated: dict[str, list[dict]] = {}
-    if read_marker(store, dataset, TRANSLATED, shard) is not None:
-        table = store.get_parquet(stage_key(dataset, TRANSLATED, shard, "parquet"),
-                                  columns=["key", "field", "lang", "text"])
-        for r in table.to_pylist():
+    if read_marker(store, dataset, TRANSLATE, shard) is not None:
+        for r in ctx.read_rows(TRANSLATE, ["key", "field", "lang", "text"]):
             if r["text"]:
                 translated.setdefault(r["key"], []).append(r)
-    return raw.to_pylist(), fused, translated
+    return ctx.read_rows(RAW, ["key", "status", "alt_text", "sha256"]), fused, translated
 
 
-def _previous_embeddings(store, dataset: str, shard: int) -> dict[tuple[str, str], np.ndarray]:
+def _previous_embeddings(ctx: ShardContext) -> dict[tuple[str, str], np.ndarray]:
     """(model id, image sha256) -> stored embedding."""
-    try:
-        table = store.get_parquet(stage_key(dataset, EMBEDDINGS, shard, "parquet"))
-    except StoreError:
-        return {}
-    return {(r["model"], r["sha256"]): np.asarray(r["embedding"], dtype=np.float32) for r in table.to_pylist()}
+    return {(r["model"], r["sha256"]): np.asarray(r["embedding"], dtype=np.float32)
+            for r in ctx.read_rows(EMBEDDINGS, missing_ok=True)}
 
 
 class _Images:
     """The shard's decoded images by key, read from the raw tar only when a model needs pixels."""
 
-    def __init__(self, store, dataset: str, shard: int):
-        self._args, self._bytes, self.errors = (store, dataset, shard), None, {}
+    def __init__(self, ctx: ShardContext):
+        self._ctx, self._bytes, self.errors = ctx, None, {}
 
     def get(self, keys: list[str]) -> dict[str, Image.Image]:
         if self._bytes is None:
-            from tasks.extract import read_shard_images
-
-            self._bytes = read_shard_images(*self._args)
+            self._bytes = self._ctx.images()
         out = {}
         for key in keys:
             data = self._bytes.get(key)
@@ -244,105 +231,122 @@ def _cosines(scorer, emb: dict[str, np.ndarray], pairs: list[tuple[str, str]]) -
     return [float(v) for v in np.clip((images * texts).sum(axis=1), -1.0, 1.0)]
 
 
-def score_shard(store_uri: str, dataset: str, shard: int, cfg: QualityConfig, models_dir: str | None = None) -> dict:
-    """Score one shard; writes `<dataset>/embeddings/` (when CLIP is on) and `<dataset>/scores/` shard files, then
-    the done marker; returns stats. `models_dir` is where a relative clip checkpoint path is looked up."""
-    started = time.time()
-    store = open_store(store_uri)
-    if read_marker(store, dataset, RAW, shard) is None:
-        raise RuntimeError(f"raw shard {shard:05d} of {dataset} is not finished; run ingest first")
-    plan = plan_scores(cfg, models_dir)
-    raw_rows, fused, translated = _read_inputs(store, dataset, shard)
-    images = _Images(store, dataset, shard)
-    ok = [r for r in raw_rows if r["status"] == "ok"]
-    provenance = {"config_hash": cfg.config_hash()}
+class ScoreStage(ShardStage):
+    name = "score"
+    description = "CLIP, NSFW and language scores, then semantic dedup; the filters are views applied at publish."
+    schema = SCORES_SCHEMA
+    reads = (RAW, FUSE, TRANSLATE)  # where they exist: a re-fused or re-translated shard is re-scored
+    warm = ("tasks.score",)
 
-    nsfw: dict[str, float] = {}
-    if plan.nsfw:
-        model = load_backend("nsfw", plan.nsfw[0], **plan.nsfw[1])
-        by_sha = {r["sha256"]: r["key"] for r in ok}
-        decoded = images.get(list(by_sha.values()))
-        shas = [sha for sha, key in by_sha.items() if key in decoded]
-        nsfw = dict(zip(shas, (float(v) for v in model.score([decoded[by_sha[s]] for s in shas])), strict=True))
-        provenance["nsfw"] = model.model_id
+    def plan(self) -> StagePlan:
+        plan = plan_scores(self.config, self.models_dir)
+        gpu = plan.clip is not None and needs_gpu(self.config.profile, [plan.clip[0]])
+        return StagePlan(plan.summary, gpu, plan)
 
-    previous = _previous_embeddings(store, dataset, shard) if plan.clip or plan.clip_translations else {}
-    scorers, embeddings, embedded = {}, {}, 0
-    for role, choice in (("clip", plan.clip), ("clip_translations", plan.clip_translations)):
-        if choice:
-            scorers[role] = load_backend("clip", choice[0], **choice[1])
-            if scorers[role].model_id not in embeddings:
-                embeddings[scorers[role].model_id], n = _image_embeddings(scorers[role], ok, images, previous)
-                embedded += n
-            provenance[role] = scorers[role].model_id
-    if cfg.language_id:
-        provenance["langid"] = "py3langid"
-
-    rows = []
-    pending: dict[str, list[tuple[int, str, str, str | None]]] = {}  # role -> (row, column, text, lang)
-    for r in raw_rows:
-        row = {name: None for name in SCORES_SCHEMA.names}
-        row.update(key=r["key"], provenance=list(provenance.items()))
-        captions = fused.get(r["key"], {})
+    def process(self, ctx: ShardContext) -> ShardOutput:
+        cfg = self.config
+        plan = plan_scores(cfg, self.models_dir)
+        raw_rows, fused, translated = _read_inputs(ctx)
+        images = _Images(ctx)
+        ok = [r for r in raw_rows if r["status"] == "ok"]
+        provenance = {"config_hash": self.config_hash}
+        nsfw = _nsfw_scores(plan, ok, images, provenance)
+        previous = _previous_embeddings(ctx) if plan.clip or plan.clip_translations else {}
+        scorers, embeddings, embedded = {}, {}, 0
+        for role, choice in (("clip", plan.clip), ("clip_translations", plan.clip_translations)):
+            if choice:
+                scorers[role] = load_backend("clip", choice[0], **choice[1])
+                if scorers[role].model_id not in embeddings:
+                    embeddings[scorers[role].model_id], n = _image_embeddings(scorers[role], ok, images, previous)
+                    embedded += n
+                provenance[role] = scorers[role].model_id
         if cfg.language_id:
-            row["lang_alt"], prob = language(r["alt_text"])
-            row["lang_alt_prob"] = prob
-            row["lang_short"] = language(captions.get("caption_short"))[0]
-            row["lang_dense"] = language(captions.get("caption_dense"))[0]
-        if r["status"] != "ok":
-            row["status"], row["error"] = "skipped", f"no image (raw status {r['status']})"
-        elif r["key"] in images.errors:
-            row["status"], row["error"] = "error", images.errors[r["key"]]
-        else:
-            row["status"] = "ok"
-            row["nsfw"] = nsfw.get(r["sha256"])
-            i = len(rows)
-            if "clip" in scorers:
-                texts = [("clip_alt", r["alt_text"])] + [(f"clip_{f}", captions.get(c)) for f, c in
-                                                         CAPTION_FIELDS.items()]
-                pending.setdefault("clip", []).extend((i, col, t, None) for col, t in texts if t)
-            if "clip_translations" in scorers:
-                items = [(i, t["field"], t["text"], t["lang"]) for t in translated.get(r["key"], [])]
-                if cfg.clip_translations is not None and r["alt_text"] and row["lang_alt"] not in (None, "en"):
-                    items.append((i, "alt_text", r["alt_text"], row["lang_alt"]))
-                pending.setdefault("clip_translations", []).extend(items)
-        rows.append(row)
+            provenance["langid"] = "py3langid"
+        rows, pending = [], {}
+        for r in raw_rows:
+            rows.append(_score_row(r, fused.get(r["key"], {}), translated.get(r["key"], []), nsfw, images, scorers,
+                                   cfg, provenance, pending, len(rows)))
+        _apply_similarities(rows, raw_rows, pending, scorers, embeddings)
+        if embeddings:
+            keep = [(r["key"], r["sha256"], model, emb[r["sha256"]].tolist()) for model, emb in embeddings.items()
+                    for r in ok if r["sha256"] in emb]
+            ctx.store.put_parquet(ctx.key(EMBEDDINGS), pa.Table.from_pylist(
+                [dict(zip(EMBEDDINGS_SCHEMA.names, k, strict=True)) for k in keep], EMBEDDINGS_SCHEMA))
+        stats = {"images_embedded": embedded, "embeddings_reused": sum(len(e) for e in embeddings.values()) - embedded,
+                 "nsfw_scored": len(nsfw), "clip": "clip" in scorers, "provenance": provenance}
+        return ShardOutput(rows, stats)
 
+    def finish(self, store_uri: str, dataset: str, stats: list[dict], done: list[int], failed: list[int]) -> dict:
+        """SemDeDup over the whole dataset's image embeddings, once every shard is scored."""
+        store = open_store(store_uri)
+        provenance = (stats[0] if stats else read_marker(store, dataset, self.name, done[0]) if done else {}) \
+            .get("provenance", {})
+        s = self.config.semdedup
+        if not s.enabled:
+            return {"semdedup": {"run": False, "reason": "semdedup is disabled"}}
+        if failed or "clip" not in provenance:
+            return {"semdedup": {"run": False, "reason": "shards failed" if failed else
+                                 "no image embeddings (CLIP is off)"}}
+        shards = sorted([*done, *(x["shard"] for x in stats)])
+        return {"semdedup": {"run": True, **semdedup_dataset(store, dataset, provenance["clip"], shards, s.clusters,
+                                                              s.eps, s.seed, s.iterations)}}
+
+    def release_columns(self, keys: pa.Array, table: pa.Table, **options) -> dict[str, pa.Array]:
+        return take_by_key(keys, table, [c for c in table.column_names if c.startswith(("clip_", "nsfw", "lang_"))])
+
+    def summary(self, result: dict) -> list[str]:
+        return [counts_line("status", result.get("counts", {})),
+                *(f"  {role}: {model}" for role, model in result.get("backends", {}).items()),
+                f"  images embedded {result.get('images_embedded', 0)}, embeddings reused "
+                f"{result.get('embeddings_reused', 0)}; semantic dedup: {result.get('semdedup')}"]
+
+
+def _nsfw_scores(plan: ScorePlan, ok: list[dict], images: _Images, provenance: dict) -> dict[str, float]:
+    """image sha256 -> NSFW probability (each distinct image once)."""
+    if not plan.nsfw:
+        return {}
+    model = load_backend("nsfw", plan.nsfw[0], **plan.nsfw[1])
+    by_sha = {r["sha256"]: r["key"] for r in ok}
+    decoded = images.get(list(by_sha.values()))
+    shas = [sha for sha, key in by_sha.items() if key in decoded]
+    provenance["nsfw"] = model.model_id
+    return dict(zip(shas, (float(v) for v in model.score([decoded[by_sha[s]] for s in shas])), strict=True))
+
+
+def _score_row(r: dict, captions: dict, translations: list[dict], nsfw: dict, images: _Images, scorers: dict,
+               cfg: ScoreConfig, provenance: dict, pending: dict, i: int) -> dict:
+    """One score row; the texts CLIP must score are queued in `pending` (role -> (row, column, text, lang))."""
+    row = {name: None for name in SCORES_SCHEMA.names}
+    row.update(key=r["key"], provenance=list(provenance.items()))
+    if cfg.language_id:
+        row["lang_alt"], row["lang_alt_prob"] = language(r["alt_text"])
+        row["lang_short"] = language(captions.get("caption_short"))[0]
+        row["lang_dense"] = language(captions.get("caption_dense"))[0]
+    if r["status"] != "ok":
+        row["status"], row["error"] = "skipped", f"no image (raw status {r['status']})"
+        return row
+    if r["key"] in images.errors:
+        row["status"], row["error"] = "error", images.errors[r["key"]]
+        return row
+    row["status"], row["nsfw"] = "ok", nsfw.get(r["sha256"])
+    if "clip" in scorers:
+        texts = [("clip_alt", r["alt_text"])] + [(f"clip_{f}", captions.get(c)) for f, c in CAPTION_FIELDS.items()]
+        pending.setdefault("clip", []).extend((i, col, t, None) for col, t in texts if t)
+    if "clip_translations" in scorers:
+        items = [(i, t["field"], t["text"], t["lang"]) for t in translations]
+        if cfg.clip_translations is not None and r["alt_text"] and row["lang_alt"] not in (None, "en"):
+            items.append((i, "alt_text", r["alt_text"], row["lang_alt"]))
+        pending.setdefault("clip_translations", []).extend(items)
+        row["clip_translations"] = []
+    return row
+
+
+def _apply_similarities(rows: list[dict], raw_rows: list[dict], pending: dict, scorers: dict, embeddings: dict) -> None:
     for role, items in pending.items():
         scorer = scorers[role]
-        emb = embeddings[scorer.model_id]
-        sims = _cosines(scorer, emb, [(raw_rows[i]["sha256"], text) for i, _, text, _ in items])
+        sims = _cosines(scorer, embeddings[scorer.model_id], [(raw_rows[i]["sha256"], text) for i, _, text, _ in items])
         for (i, column, _, lang), sim in zip(items, sims, strict=True):
             if role == "clip":
                 rows[i][column] = sim
             else:
-                rows[i]["clip_translations"] = [*(rows[i]["clip_translations"] or []),
-                                                {"field": column, "lang": lang, "score": sim}]
-    for row in rows:
-        if row["status"] == "ok" and "clip_translations" in scorers and row["clip_translations"] is None:
-            row["clip_translations"] = []
-
-    if embeddings:
-        keep = [(r["key"], r["sha256"], model, emb[r["sha256"]].tolist()) for model, emb in embeddings.items()
-                for r in ok if r["sha256"] in emb]
-        table = pa.Table.from_pylist([dict(zip(EMBEDDINGS_SCHEMA.names, k, strict=True)) for k in keep],
-                                     EMBEDDINGS_SCHEMA)
-        store.put_parquet(stage_key(dataset, EMBEDDINGS, shard, "parquet"), table)
-    store.put_parquet(stage_key(dataset, STAGE, shard, "parquet"), pa.Table.from_pylist(rows, SCORES_SCHEMA))
-    counts = Counter(r["status"] for r in rows)
-    stats = {
-        "shard": shard, "config_hash": cfg.config_hash(),
-        "input_marker": upstream_fingerprint(store, dataset, shard, UPSTREAM),
-        "samples": len(rows), "counts": dict(counts), "images_embedded": embedded,
-        "embeddings_reused": sum(len(e) for e in embeddings.values()) - embedded,
-        "nsfw_scored": len(nsfw), "clip": "clip" in scorers, "provenance": provenance,
-        "seconds": round(time.time() - started, 3),
-    }
-    write_marker(store, dataset, STAGE, shard, stats)
-    return stats
-
-
-def shards_to_score(store, dataset: str, cfg: QualityConfig) -> tuple[list[int], list[int], list[int]]:
-    """(to run, already done, raw shards not finished). A re-fused or re-translated shard is re-scored (its image
-    embeddings are reused)."""
-    return shard_status(store, dataset, STAGE, cfg.config_hash(), UPSTREAM)
+                rows[i]["clip_translations"].append({"field": column, "lang": lang, "score": sim})

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from infra.store import StoreError
 
-SEMDEDUP_FILE = "_semdedup.parquet"
+SEMDEDUP_KEY = "{dataset}/score/_semdedup.parquet"  # beside the score stage's shards
 SEMDEDUP_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("semdedup_cluster", pa.int32()),
@@ -85,16 +85,15 @@ def semdedup(keys: list[str], embeddings: np.ndarray, clusters: int | None = Non
 def semdedup_dataset(store, dataset: str, model_id: str, shards: list[int], clusters: int | None, eps: float,
                      seed: int, iterations: int) -> dict:
     """Read the dataset's image embeddings of `model_id` (samples scored ok only), run SemDeDup, write
-    `<dataset>/scores/_semdedup.parquet`. Returns counts."""
-    from tasks.score import EMBEDDINGS, STAGE
+    `<dataset>/score/_semdedup.parquet`. Returns counts."""
     from tasks.shards import stage_key
 
     keys: list[str] = []
     vectors: list[np.ndarray] = []
     for shard in shards:
         try:
-            emb = store.get_parquet(stage_key(dataset, EMBEDDINGS, shard, "parquet"))
-            ok = store.get_parquet(stage_key(dataset, STAGE, shard, "parquet"), columns=["key", "status"])
+            emb = store.get_parquet(stage_key(dataset, "embeddings", shard, "parquet"))
+            ok = store.get_parquet(stage_key(dataset, "score", shard, "parquet"), columns=["key", "status"])
         except StoreError:
             continue
         scored = {k for k, s in zip(ok.column("key").to_pylist(), ok.column("status").to_pylist(), strict=True)
@@ -105,7 +104,7 @@ def semdedup_dataset(store, dataset: str, model_id: str, shards: list[int], clus
                 vectors.append(np.asarray(row["embedding"], dtype=np.float32))
     x = np.stack(vectors) if vectors else np.zeros((0, 1), dtype=np.float32)
     table = semdedup(keys, x, clusters, eps, seed, iterations)
-    store.put_parquet(f"{dataset}/{STAGE}/{SEMDEDUP_FILE}", table)
+    store.put_parquet(SEMDEDUP_KEY.format(dataset=dataset), table)
     kept = table.column("semdedup_duplicate_of").null_count
     return {"samples": table.num_rows, "duplicates": table.num_rows - kept,
             "clusters": len(set(table.column("semdedup_cluster").to_pylist())), "model": model_id, "eps": eps}

@@ -1,10 +1,10 @@
 """Shard layout and I/O: names, the raw WebDataset tar writer, Parquet schemas and done markers.
 
-Layout of a dataset in the store:
-    <dataset>/raw/_inputs/shard-00042.parquet   the samples planned for the shard (written at planning time)
-    <dataset>/raw/shard-00042.tar               WebDataset: KEY.jpg, KEY.txt, KEY.json per good sample
-    <dataset>/raw/shard-00042.parquet           one row per planned sample, failed ones with their error
-    <dataset>/raw/shard-00042.stats.json        the done marker: written last, carries the config hash
+Layout of a dataset in the store (each folder is named after the stage that writes it, see tasks/registry.py):
+    <dataset>/ingest/_inputs/shard-00042.parquet   the samples planned for the shard (written at planning time)
+    <dataset>/ingest/shard-00042.tar               WebDataset: KEY.jpg, KEY.txt, KEY.json per good sample
+    <dataset>/ingest/shard-00042.parquet           one row per planned sample, failed ones with their error
+    <dataset>/ingest/shard-00042.stats.json        the done marker: written last, carries the config hash
 Later stages write `<dataset>/<stage>/shard-00042.parquet` + `.stats.json` the same way.
 """
 
@@ -23,6 +23,8 @@ import pyarrow as pa
 from infra.store import ArtifactStore, StoreError
 
 SHARD_RE = re.compile(r"shard-(\d{5,})\.parquet$")
+RAW = "ingest"  # the stage whose shards every other stage reads
+IMAGE_EXTS = (".jpg", ".jpeg", ".webp", ".png")
 
 INGEST_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -56,12 +58,12 @@ def stage_key(dataset: str, stage: str, shard: int, ext: str) -> str:
 
 
 def input_key(dataset: str, shard: int) -> str:
-    return f"{dataset}/raw/_inputs/{shard_name(shard)}.parquet"
+    return f"{dataset}/{RAW}/_inputs/{shard_name(shard)}.parquet"
 
 
 def planned_shards(store: ArtifactStore, dataset: str) -> list[int]:
     """Shard ids that have an input manifest, in order."""
-    return sorted(int(m.group(1)) for k in store.list(f"{dataset}/raw/_inputs") if (m := SHARD_RE.search(k)))
+    return sorted(int(m.group(1)) for k in store.list(f"{dataset}/{RAW}/_inputs") if (m := SHARD_RE.search(k)))
 
 
 def read_marker(store: ArtifactStore, dataset: str, stage: str, shard: int) -> dict | None:
@@ -84,22 +86,6 @@ def upstream_fingerprint(store: ArtifactStore, dataset: str, shard: int, stages:
     changes the fingerprint and so invalidates the shard."""
     marks = [read_marker(store, dataset, stage, shard) or {} for stage in stages]
     return json.dumps([[m.get("config_hash"), m.get("finished_at")] for m in marks])
-
-
-def shard_status(store: ArtifactStore, dataset: str, stage: str, config_hash: str, upstream: tuple[str, ...],
-                 required: tuple[str, ...] = ("raw",)) -> tuple[list[int], list[int], list[int]]:
-    """(to run, already done, waiting) for a later stage: a shard waits until the `required` stages finished it,
-    and is done when its marker carries `config_hash` and the current fingerprint of the `upstream` stages."""
-    todo, done, waiting = [], [], []
-    for shard in planned_shards(store, dataset):
-        if any(read_marker(store, dataset, s, shard) is None for s in required):
-            waiting.append(shard)
-            continue
-        marker = read_marker(store, dataset, stage, shard)
-        fresh = (marker is not None and marker.get("config_hash") == config_hash
-                 and marker.get("input_marker") == upstream_fingerprint(store, dataset, shard, upstream))
-        (done if fresh else todo).append(shard)
-    return todo, done, waiting
 
 
 class TarWriter:
@@ -151,6 +137,20 @@ class _Reader:
         return bytes(chunk)
 
 
-def read_tar_members(path: Path) -> dict[str, bytes]:
-    with tarfile.open(path) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+def read_shard_members(store: ArtifactStore, dataset: str, shard: int, want=None) -> dict[str, bytes]:
+    """The members of a raw shard's tar, by member name; only those `want(name)` accepts are read."""
+    with tempfile.TemporaryDirectory(prefix="capfactory-") as tmp:
+        local = Path(tmp) / "shard.tar"
+        store.get_file(stage_key(dataset, RAW, shard, "tar"), local)
+        with tarfile.open(local) as tar:
+            return {m.name: tar.extractfile(m).read() for m in tar if m.isfile() and (want is None or want(m.name))}
+
+
+def is_image_member(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTS)
+
+
+def read_shard_images(store: ArtifactStore, dataset: str, shard: int) -> dict[str, bytes]:
+    """{key: stored image bytes} of a raw shard."""
+    members = read_shard_members(store, dataset, shard, is_image_member)
+    return {name.rsplit(".", 1)[0]: data for name, data in members.items()}

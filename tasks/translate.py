@@ -1,17 +1,17 @@
 """Machine translation of captions with quality estimation, one shard at a time (the mBLIP recipe, checked).
 
 mBLIP translated each English caption into one language sampled in proportion to mC4 with NLLB-200 and kept
-every output. Here the fused captions (`caption_short`, `caption_dense` from fused/) and optionally the alt-text
-(raw/) are translated either into every configured language (`allocation: all`) or into `per_sample` languages
+every output. Here the fused captions (`caption_short`, `caption_dense` from fuse/) and optionally the alt-text
+(ingest/) are translated either into every configured language (`allocation: all`) or into `per_sample` languages
 drawn per sample from a distribution (`allocation: sample`; the "mc4" preset is mBLIP's choice). The draw is a
 function of (seed, sample key) only, so re-runs and appended data give the same languages.
 
 Multi-sentence text is translated sentence by sentence and reassembled in order; identical segments in a shard
-are translated once; translations already in the previous translated/ shard are reused by (source text hash,
+are translated once; translations already in the previous translate/ shard are reused by (source text hash,
 language, model id), so a re-run with other QE thresholds makes no translator call.
 
 Quality estimation (`check_translation`), every reason a 'kind: detail' string; any reason -> status "flagged"
-(the text is kept in translated/; publish drops it when `translate.drop_failed`):
+(the text is kept in translate/; publish drops it when `translate.drop_failed`):
 - language: py3langid on the output must give the target (close pairs such as cs/sk, ms/id, no/nb/nn, hr/sr/bs
   count as equal); skipped under 4 words, where character n-gram language ID is unreliable.
 - copy / untranslated: the output is the source again, or >= 80% of its words are source words.
@@ -28,26 +28,25 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import pyarrow as pa
 
-from infra.models import PROFILES, ModelUnavailable, backend_class, load_backend
+from infra.models import PROFILES, ModelUnavailable, backend_class, load_backend, needs_gpu
 from infra.settings import TranslateConfig
-from infra.store import StoreError, open_store
 from tasks.guards import LANGID_MIN_WORDS, detect_language, find_injection, normalize_text
-from tasks.ingest import STAGE as RAW
-from tasks.shards import read_marker, shard_status, stage_key, upstream_fingerprint, write_marker
+from tasks.shards import RAW, read_marker
+from tasks.stage import ShardContext, ShardOutput, ShardStage, StageError, StagePlan, counts_line, is_transient
 
-STAGE = "translated"
-FUSED = "fused"
+FUSE = "fuse"
+# One translation as the published table carries it (a list of these per sample).
+TRANSLATION = pa.struct([("field", pa.string()), ("lang", pa.string()), ("text", pa.string()),
+                         ("status", pa.string()), ("qe_passed", pa.bool_()), ("qe_reasons", pa.list_(pa.string()))])
 FUSED_FIELDS = ("caption_short", "caption_dense")
 MAX_SOURCE_CHARS = 2000  # longer sources are cut (and flagged): captions, not documents
 MAX_SEGMENT_CHARS = 400  # a sentence longer than this is split at spaces (translators degrade on long inputs)
-TRANSIENT_ERRORS = {"timeout", "connection", "http_408", "http_429", "http_500", "http_502", "http_503", "http_504"}
 
 TRANSLATED_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -387,32 +386,12 @@ def needs_fused(cfg: TranslateConfig) -> bool:
     return any(f in FUSED_FIELDS for f in cfg.fields)
 
 
-def _read_sources(store, dataset: str, shard: int, cfg: TranslateConfig) -> list[tuple[str, dict[str, str | None]]]:
-    """(key, {field: text}) of the shard's samples that have an image (raw status ok), in shard order."""
-    raw = store.get_parquet(stage_key(dataset, RAW, shard, "parquet"), columns=["key", "status", "alt_text"])
-    fused: dict[str, dict] = {}
-    if needs_fused(cfg):
-        table = store.get_parquet(stage_key(dataset, FUSED, shard, "parquet"), columns=["key", *FUSED_FIELDS])
-        fused = {r["key"]: r for r in table.to_pylist()}
-    out = []
-    for r in raw.to_pylist():
-        if r["status"] != "ok":
-            continue
-        texts = {f: (r["alt_text"] if f == "alt_text" else fused.get(r["key"], {}).get(f)) for f in cfg.fields}
-        out.append((r["key"], texts))
-    return out
-
-
-def _previous(store, dataset: str, shard: int, model_id: str) -> dict[tuple[str, str], tuple[str, float | None]]:
+def _previous(ctx: ShardContext, model_id: str) -> dict[tuple[str, str], tuple[str, float | None]]:
     """(source text hash, lang) -> (translation, round-trip chrF) from the previous translated shard, for rows
     made by the same model."""
-    try:
-        rows = store.get_parquet(stage_key(dataset, STAGE, shard, "parquet"),
-                                 columns=["lang", "source_text", "text", "qe_chrf_roundtrip", "provenance"]).to_pylist()
-    except (StoreError, KeyError, pa.ArrowInvalid):
-        return {}
     cached = {}
-    for r in rows:
+    for r in ctx.read_rows(TranslateStage.name, ["lang", "source_text", "text", "qe_chrf_roundtrip", "provenance"],
+                           missing_ok=True):
         if r["text"] is not None and dict(r["provenance"] or []).get("model") == model_id:
             cached[(_text_hash(prepare_source(r["source_text"])[0]), r["lang"])] = (r["text"], r["qe_chrf_roundtrip"])
     return cached
@@ -444,33 +423,96 @@ def _segments(text: str, cfg: TranslateConfig) -> list[str]:
     return split_sentences(text) if cfg.segment else _cut(text)
 
 
-def translate_shard(store_uri: str, dataset: str, shard: int, cfg: TranslateConfig,
-                    models_dir: str | None = None) -> dict:
-    """Translate one shard; writes `<dataset>/translated/shard-NNNNN.parquet` and its done marker; returns stats."""
-    started = time.time()
-    store = open_store(store_uri)
-    if read_marker(store, dataset, RAW, shard) is None:
-        raise RuntimeError(f"raw shard {shard:05d} of {dataset} is not finished; run ingest first")
-    if needs_fused(cfg) and read_marker(store, dataset, FUSED, shard) is None:
-        raise RuntimeError(f"fused shard {shard:05d} of {dataset} is not finished; run `capfactory fuse` first")
-    choice = plan_translation(cfg, models_dir)
-    backend = load_backend("translator", choice.name, **choice.options)
-    src_lang = cfg.source_language
-    weights = language_weights(cfg) if cfg.allocation == "sample" else None
-    units: list[_Unit] = []
-    for key, texts in _read_sources(store, dataset, shard, cfg):
-        langs = choose_languages(key, cfg, weights)
-        for name in cfg.fields:
-            clean, cut = prepare_source(texts[name])
-            if clean:
-                units.extend(_Unit(key, name, lang, texts[name], clean, cut) for lang in langs)
+class TranslateStage(ShardStage):
+    name = "translate"
+    description = "Machine translation of the captions into the spec's target languages."
+    schema = TRANSLATED_SCHEMA
+    reads = (RAW, FUSE)
+    retries = 2
+    warm = ("tasks.translate",)
 
-    previous = _previous(store, dataset, shard, backend.model_id)
-    for u in units:
-        hit = previous.get((_text_hash(u.clean), u.lang))
-        if hit:
-            u.text, u.chrf, u.cached = hit[0], hit[1], True
-    todo = [u for u in units if not u.cached]
+    def upstream(self) -> tuple[str, ...]:
+        """The raw shard and, when caption fields are translated, the fused one."""
+        return (RAW, FUSE) if needs_fused(self.config) else (RAW,)
+
+    def required(self) -> tuple[str, ...]:
+        return self.upstream()
+
+    def plan(self) -> StagePlan:
+        choice = plan_translation(self.config, self.models_dir)
+        return StagePlan({"translator": choice.name}, needs_gpu(self.config.profile, [choice.name]), choice)
+
+    def check_dataset(self, store, dataset: str, shards: list[int]) -> None:
+        if needs_fused(self.config) and shards and not any(read_marker(store, dataset, FUSE, s) for s in shards):
+            fields = ", ".join(f for f in self.config.fields if f in FUSED_FIELDS)
+            raise StageError(f"translate.fields asks for {fields}, which come from the fuse stage, but dataset "
+                             f"{dataset!r} was never fused: run `capfactory fuse --dataset {dataset}` first, or "
+                             "translate --fields alt_text")
+
+    def process(self, ctx: ShardContext) -> ShardOutput:
+        cfg = self.config
+        choice = plan_translation(cfg, self.models_dir)
+        backend = load_backend("translator", choice.name, **choice.options)
+        units = self._units(ctx)
+        previous = _previous(ctx, backend.model_id)
+        for u in units:
+            hit = previous.get((_text_hash(u.clean), u.lang))
+            if hit:
+                u.text, u.chrf, u.cached = hit[0], hit[1], True
+        calls = _translate_units(backend, [u for u in units if not u.cached], units, cfg)
+        base_prov = [("backend", choice.name), ("model", backend.model_id), ("config_hash", self.config_hash),
+                     ("source_language", cfg.source_language)]
+        rows = [_translated_row(u, cfg, base_prov) for u in units]
+        stats = {
+            "samples": len({u.key for u in units}), "rows": len(rows),
+            "languages": dict(Counter(r["lang"] for r in rows)),
+            "qe_reasons": dict(Counter(reason.split(":", 1)[0] for r in rows for reason in r["qe_reasons"])),
+            "translator_calls": calls, "cache_hits": sum(1 for u in units if u.cached),
+            "provenance": {"backend": choice.name, "model": backend.model_id},
+        }
+        return ShardOutput(rows, stats, [u.error for u in units if is_transient(u.error)])
+
+    def _units(self, ctx: ShardContext) -> list[_Unit]:
+        """One unit per (sample with an image, field with text, language), in shard order."""
+        cfg = self.config
+        fused = {r["key"]: r for r in ctx.read_rows(FUSE, ["key", *FUSED_FIELDS])} if needs_fused(cfg) else {}
+        weights = language_weights(cfg) if cfg.allocation == "sample" else None
+        units = []
+        for r in ctx.read_rows(RAW, ["key", "status", "alt_text"]):
+            if r["status"] != "ok":
+                continue
+            langs = choose_languages(r["key"], cfg, weights)
+            for name in cfg.fields:
+                text = r["alt_text"] if name == "alt_text" else fused.get(r["key"], {}).get(name)
+                clean, cut = prepare_source(text)
+                if clean:
+                    units.extend(_Unit(r["key"], name, lang, text, clean, cut) for lang in langs)
+        return units
+
+    def release_columns(self, keys: pa.Array, table: pa.Table, drop_failed_translations: bool = False,
+                        **options) -> dict[str, pa.Array]:
+        """The long table (one row per key, field, lang) as one `translations` list per key; failed translations
+        (no text), and flagged ones with `drop_failed_translations`, are left out."""
+        by_key: dict[str, list[dict]] = {}
+        for r in table.select(["key", *TRANSLATION.names]).to_pylist():
+            if r["text"] is None or r["status"] == "error" or (drop_failed_translations and r["status"] != "ok"):
+                continue
+            by_key.setdefault(r["key"], []).append({n: r[n] for n in TRANSLATION.names})
+        return {"translations": pa.array([by_key.get(k, []) for k in keys.to_pylist()], pa.list_(TRANSLATION))}
+
+    def summary(self, result: dict) -> list[str]:
+        lines = [counts_line("rows", result.get("counts", {})),
+                 "  languages: " + ", ".join(f"{k}={v}" for k, v in sorted(result.get("languages", {}).items()))]
+        if result.get("qe_reasons"):
+            lines.append("  QE flags: " + ", ".join(f"{k}={v}" for k, v in sorted(result["qe_reasons"].items())))
+        lines.append(f"  translator calls {result.get('translator_calls', 0)}, cache hits "
+                     f"{result.get('cache_hits', 0)}")
+        return lines + [f"  {k}: {v}" for k, v in result.get("provenance", {}).items()]
+
+
+def _translate_units(backend, todo: list[_Unit], units: list[_Unit], cfg: TranslateConfig) -> int:
+    """Translate the units not in the cache (and, with round_trip, back); returns the translator calls made."""
+    src_lang = cfg.source_language
     forward = _translate_all(backend, [(s, src_lang, u.lang) for u in todo for s in _segments(u.clean, cfg)],
                              cfg.batch_size)
     for u in todo:
@@ -483,66 +525,23 @@ def translate_shard(store_uri: str, dataset: str, shard: int, cfg: TranslateConf
         for u in back_units:
             back, _ = _assemble(_segments(u.text, cfg), backward, u.lang, src_lang)
             u.chrf = chrf(back, u.clean) if back is not None else None
-
-    base_prov = [("backend", choice.name), ("model", backend.model_id), ("config_hash", cfg.config_hash()),
-                 ("source_language", src_lang)]
-    rows, reasons_seen = [], Counter()
-    for u in units:
-        row = {"key": u.key, "field": u.field, "lang": u.lang, "source_text": u.source_text, "text": u.text,
-               "provenance": [*base_prov, ("cache", "hit" if u.cached else "miss")]}
-        if u.text is None:
-            row.update(status="error", qe_passed=False, qe_reasons=[f"translator_error: {u.error}"])
-        else:
-            qe = check_translation(u.clean, u.text, u.lang, source_language=src_lang,
-                                   min_ratio=cfg.min_length_ratio, max_ratio=cfg.max_length_ratio,
-                                   chrf_roundtrip=u.chrf if cfg.round_trip else None, min_chrf=cfg.min_chrf)
-            reasons = list(qe.reasons)
-            if cfg.round_trip and u.chrf is None:
-                reasons.append("roundtrip_chrf: the back translation failed")
-            if u.cut:
-                reasons.append(f"source_truncated: only the first {MAX_SOURCE_CHARS} characters were translated")
-            row.update(status="flagged" if reasons else "ok", qe_passed=not reasons, qe_reasons=reasons,
-                       qe_lang=qe.lang, qe_length_ratio=qe.length_ratio,
-                       qe_chrf_roundtrip=u.chrf if cfg.round_trip else None)
-        reasons_seen.update(r.split(":", 1)[0] for r in row["qe_reasons"])
-        rows.append(row)
-    store.put_parquet(stage_key(dataset, STAGE, shard, "parquet"), pa.Table.from_pylist(rows, TRANSLATED_SCHEMA))
-    transient = [u.error for u in units if u.error and u.error.split(":", 1)[0].strip() in TRANSIENT_ERRORS]
-    if transient:
-        # The server went away: translations that arrived are saved above without a done marker, so the retried
-        # shard asks only for the missing ones.
-        raise RuntimeError(f"{len(transient)} translations failed on transient errors (e.g. {transient[0]}); "
-                           "the shard is retried, keeping the translations already made")
-    stats = {
-        "shard": shard, "config_hash": cfg.config_hash(),
-        "input_marker": upstream_fingerprint(store, dataset, shard, _upstream(cfg)),
-        "samples": len({u.key for u in units}), "rows": len(rows),
-        "counts": dict(Counter(r["status"] for r in rows)),
-        "languages": dict(Counter(r["lang"] for r in rows)),
-        "qe_reasons": dict(reasons_seen),
-        "translator_calls": len(forward) + len(backward),
-        "cache_hits": sum(1 for u in units if u.cached),
-        "provenance": {"backend": choice.name, "model": backend.model_id},
-        "seconds": round(time.time() - started, 3),
-    }
-    write_marker(store, dataset, STAGE, shard, stats)
-    return stats
+    return len(forward) + len(backward)
 
 
-def _upstream(cfg: TranslateConfig) -> tuple[str, ...]:
-    """What translation reads: the raw shard and, when caption fields are translated, the fused one."""
-    return (RAW, FUSED) if needs_fused(cfg) else (RAW,)
-
-
-def shards_to_translate(store, dataset: str, cfg: TranslateConfig) -> tuple[list[int], list[int], list[int]]:
-    """(to run, already done, waiting for ingest/fuse). Raises ValueError when caption fields are asked for and
-    the dataset was never fused."""
-    from tasks.shards import planned_shards
-
-    shards = planned_shards(store, dataset)
-    if needs_fused(cfg) and shards and not any(read_marker(store, dataset, FUSED, s) for s in shards):
-        fields = ", ".join(f for f in cfg.fields if f in FUSED_FIELDS)
-        raise ValueError(f"translate.fields asks for {fields}, which come from the fused stage, but dataset "
-                         f"{dataset!r} was never fused: run `capfactory fuse --dataset {dataset}` first, or translate "
-                         "--fields alt_text")
-    return shard_status(store, dataset, STAGE, cfg.config_hash(), _upstream(cfg), required=_upstream(cfg))
+def _translated_row(u: _Unit, cfg: TranslateConfig, base_prov: list) -> dict:
+    row = {"key": u.key, "field": u.field, "lang": u.lang, "source_text": u.source_text, "text": u.text,
+           "provenance": [*base_prov, ("cache", "hit" if u.cached else "miss")]}
+    if u.text is None:
+        row.update(status="error", qe_passed=False, qe_reasons=[f"translator_error: {u.error}"])
+        return row
+    qe = check_translation(u.clean, u.text, u.lang, source_language=cfg.source_language,
+                           min_ratio=cfg.min_length_ratio, max_ratio=cfg.max_length_ratio,
+                           chrf_roundtrip=u.chrf if cfg.round_trip else None, min_chrf=cfg.min_chrf)
+    reasons = list(qe.reasons)
+    if cfg.round_trip and u.chrf is None:
+        reasons.append("roundtrip_chrf: the back translation failed")
+    if u.cut:
+        reasons.append(f"source_truncated: only the first {MAX_SOURCE_CHARS} characters were translated")
+    row.update(status="flagged" if reasons else "ok", qe_passed=not reasons, qe_reasons=reasons, qe_lang=qe.lang,
+               qe_length_ratio=qe.length_ratio, qe_chrf_roundtrip=u.chrf if cfg.round_trip else None)
+    return row

@@ -1,10 +1,10 @@
 """Validation of every stage's output with the Great Expectations suites in `expectations/`, one (stage, shard) at a
 time, on the shard's pandas table.
 
-Store layout (`<dataset>/validation/`):
+Store layout (`<dataset>/validate/`; a suite is named after the stage whose output it checks):
     <suite>/shard-00042.json                 the shard's result: failed expectations with examples, quarantined rows
     quarantine/<suite>/shard-00042.parquet   the rows set aside (quarantine mode), with `quarantine_reasons`
-    scores/_reference.json                   score statistics of the drift reference shard
+    score/_reference.json                    score statistics of the drift reference shard
     summary.json                             per suite: shards passed / failed, quarantined rows, failing checks
     data_docs/index.html                     GX data docs, built locally and uploaded through the store
 
@@ -28,17 +28,17 @@ import pyarrow as pa
 
 from expectations.common import SuiteInputs
 from expectations.runner import SUITES, build_data_docs, run_suite, to_frame
-from expectations.scores import reference_stats
+from expectations.score import reference_stats
 from infra.settings import DatasetSpec, ValidateConfig
 from infra.store import ArtifactStore, StoreError, open_store
-from tasks.ingest import STAGE as RAW
-from tasks.shards import input_key, read_marker, shard_name, stage_key
+from tasks.shards import RAW, input_key, read_marker, shard_name, stage_key
+from tasks.stage import Stage
 
-STAGE = "validation"
+STAGE = "validate"
 # Suites whose rows are samples: a row quarantined there takes its sample out of the published set. A quarantined
 # translation only takes that translation out (see `quarantined_translations`).
-SAMPLE_SUITES = ("raw", "experts", "fused", "scores")
-ROWS_PER_RAW_ROW = ("experts", "fused", "scores")  # suites with exactly one row per raw sample
+SAMPLE_SUITES = ("ingest", "extract", "fuse", "score")
+ROWS_PER_RAW_ROW = ("extract", "fuse", "score")  # suites with exactly one row per raw sample
 _MARKER = re.compile(r"/shard-(\d{5,})\.stats\.json$")
 
 
@@ -86,7 +86,7 @@ def _marker_stamp(store: ArtifactStore, dataset: str, suite: str, shard: int) ->
 def fingerprint(store: ArtifactStore, dataset: str, suite: str, shard: int, cfg: ValidateConfig,
                 reference: dict | None) -> str:
     """What a shard's result depends on: the validation config, the stage's and raw's markers, the reference."""
-    ref = reference.get("input_marker") if reference and suite == "scores" else None
+    ref = reference.get("input_marker") if reference and suite == "score" else None
     return json.dumps([cfg.config_hash(), _marker_stamp(store, dataset, suite, shard),
                        _marker_stamp(store, dataset, RAW, shard), ref])
 
@@ -94,7 +94,7 @@ def fingerprint(store: ArtifactStore, dataset: str, suite: str, shard: int, cfg:
 def ensure_reference(store: ArtifactStore, dataset: str, cfg: ValidateConfig) -> dict | None:
     """The drift reference: score statistics of `cfg.drift_reference_shard`, or else of the shard that was the
     reference before (the first scores shard validated), computed once and kept in the store."""
-    shards = finished_shards(store, dataset, "scores")
+    shards = finished_shards(store, dataset, "score")
     if not shards:
         return None
     try:
@@ -107,10 +107,10 @@ def ensure_reference(store: ArtifactStore, dataset: str, cfg: ValidateConfig) ->
     if shard not in shards:
         raise ValueError(f"drift reference shard {shard:05d} has no scores output in {dataset} "
                          f"(scored shards: {shards})")
-    stamp = json.dumps(_marker_stamp(store, dataset, "scores", shard))
+    stamp = json.dumps(_marker_stamp(store, dataset, "score", shard))
     if kept and kept["shard"] == shard and kept["input_marker"] == stamp:
         return kept
-    frame = to_frame(store.get_parquet(stage_key(dataset, "scores", shard, "parquet")))
+    frame = to_frame(store.get_parquet(stage_key(dataset, "score", shard, "parquet")))
     reference = {"shard": shard, "input_marker": stamp, "columns": reference_stats(frame)}
     store.put_json(reference_key(dataset), reference)
     return reference
@@ -137,7 +137,7 @@ def shards_to_validate(store: ArtifactStore, dataset: str, cfg: ValidateConfig, 
 
 def expected_rows(store: ArtifactStore, dataset: str, suite: str, shard: int) -> int | None:
     """Rows the stage's shard must have: raw = its input manifest; one-row-per-sample stages = the raw shard."""
-    if suite == "raw":
+    if suite == RAW:
         return store.get_parquet(input_key(dataset, shard), columns=["key"]).num_rows
     if suite in ROWS_PER_RAW_ROW:
         marker = read_marker(store, dataset, RAW, shard)
@@ -253,5 +253,22 @@ def quarantined_keys(store: ArtifactStore, dataset: str, suites: tuple[str, ...]
 
 def quarantined_translations(store: ArtifactStore, dataset: str) -> set[tuple[str, str, str]]:
     """(key, field, lang) of the translations set aside: the published set drops these translations."""
-    return {(r["key"], r["field"], r["lang"]) for r in _quarantined(store, dataset, "translated",
+    return {(r["key"], r["field"], r["lang"]) for r in _quarantined(store, dataset, "translate",
                                                                     ["key", "field", "lang"])}
+
+
+class ValidateStage(Stage):
+    name = "validate"
+    description = "Great Expectations suites on every stage output: quarantine bad rows or fail."
+    warm = ("tasks.validate",)
+
+    def summary(self, result: dict) -> list[str]:
+        lines = [f"dataset {result['dataset']} in {result['store']}: {result['on_failure']} mode; no output yet: "
+                 f"{', '.join(result['skipped_suites']) or '-'}"]
+        for suite, s in result["suites"].items():
+            failing = ", ".join(f"{k} x{v}" for k, v in sorted(s["failing_expectations"].items())) or "-"
+            lines.append(f"  {suite}: {s['passed']}/{s['shards']} shards passed, {s['quarantined_rows']} rows "
+                         f"quarantined; failing: {failing}")
+        if result["data_docs"]:
+            lines.append(f"  data docs: {result['data_docs']}")
+        return lines

@@ -21,7 +21,7 @@ import pytest
 from dask.utils import key_split
 
 from infra.deploy import stop_process_group
-from infra.settings import DownloadConfig, ExpertsConfig, IngestConfig, InputSpec, OCRConfig
+from infra.settings import DownloadConfig, ExtractConfig, IngestConfig, InputSpec, OCRConfig
 
 START_TIMEOUT = 120.0
 
@@ -95,7 +95,6 @@ def cluster(tmp_path_factory, prefect_api):
 
 def test_gpu_profile_model_tasks_run_only_on_the_gpu_worker(cluster, image_server, tmp_path):
     from distributed import Client
-
     from flows.extract import run_extract
     from flows.ingest import run_ingest
 
@@ -104,7 +103,7 @@ def test_gpu_profile_model_tasks_run_only_on_the_gpu_worker(cluster, image_serve
     pq.write_table(pa.table({"url": urls, "caption": ["a photo"] * len(urls)}), tmp_path / "urls.parquet")
     store = str(tmp_path / "store")
     ingest_cfg = IngestConfig(shard_size=2, download=DownloadConfig(allow_cidrs=("127.0.0.0/8",), retries=0))
-    experts = ExpertsConfig(profile="gpu", experts=("ocr",), ocr=OCRConfig(backend="rapidocr"))
+    experts = ExtractConfig(profile="gpu", experts=("ocr",), ocr=OCRConfig(backend="rapidocr"))
 
     with Client(address) as client:
         client.get_task_stream()  # installs the scheduler's task-stream plugin; records start now

@@ -13,11 +13,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from expectations.fused import always_leaking
+
 from expectations.runner import SUITES
 from infra.loopback_server import ImageServer
-from infra.settings import DatasetSpec, DownloadConfig, ExpertsConfig, FuseConfig, IngestConfig, InputSpec
+from infra.settings import DatasetSpec, DownloadConfig, ExtractConfig, FuseConfig, IngestConfig, InputSpec
 from infra.store import LocalStore
 from tasks.extract import extract_shard
 from tasks.fuse import fuse_shard
@@ -104,7 +104,7 @@ def coco(tmp_path_factory) -> LocalStore:
         for shard in (0, 1):
             ingest_shard(store.uri, DATASET, shard, cfg)
     for shard in (0, 1):
-        extract_shard(store.uri, DATASET, shard, ExpertsConfig(experts=("objects",)), str(SHARED / "models"))
+        extract_shard(store.uri, DATASET, shard, ExtractConfig(experts=("objects",)), str(SHARED / "models"))
         fuse_shard(store.uri, DATASET, shard, FuseConfig(mode="capsfusion", outputs=("short",)))
         write_contract_tables(store, shard)
     return store

@@ -15,7 +15,7 @@ from PIL import Image
 
 from infra.loopback_server import ImageServer
 from infra.models import ModelUnavailable
-from infra.settings import DownloadConfig, ExpertsConfig, ImageConfig, IngestConfig, InputSpec
+from infra.settings import DownloadConfig, ExtractConfig, ImageConfig, IngestConfig, InputSpec
 from infra.store import LocalStore
 from tasks.extract import STAGE, plan_experts, shards_to_extract
 from tasks.ingest import dedup_dataset, ingest_shard, plan_ingest
@@ -72,7 +72,7 @@ def test_extract_flow_runs_every_expert_and_records_every_sample(ingested):
     from flows.extract import run_extract
 
     store, keys = ingested
-    result = run_extract("exp", store=store.uri, config=ExpertsConfig(batch_size=3), models_dir=MODELS, workers=2)
+    result = run_extract("exp", store=store.uri, config=ExtractConfig(batch_size=3), models_dir=MODELS, workers=2)
     assert sorted(result["shards_extracted"]) == [0, 1]
     table = pa.concat_tables([store.get_parquet(stage_key("exp", STAGE, s, "parquet")) for s in (0, 1)])
     rows = {r["key"]: r for r in table.to_pylist()}
@@ -96,25 +96,25 @@ def test_extract_flow_runs_every_expert_and_records_every_sample(ingested):
         assert rows[keys[name]]["ocr_text"] == "" and rows[keys[name]]["objects"] == [], name
     prov = dict(people["provenance"])
     assert prov["ocr"].startswith("rapidocr") and "yolox" in prov["detector"]
-    assert prov["config_hash"] == ExpertsConfig(batch_size=3).config_hash()
+    assert prov["config_hash"] == ExtractConfig(batch_size=3).config_hash()
     assert result["with_text"] >= 2
 
     # A re-run skips finished shards; a changed expert config recomputes them.
-    assert shards_to_extract(store, "exp", ExpertsConfig())[0] == []
-    stricter = ExpertsConfig(ocr={"min_score": 0.9})
+    assert shards_to_extract(store, "exp", ExtractConfig())[0] == []
+    stricter = ExtractConfig(ocr={"min_score": 0.9})
     assert shards_to_extract(store, "exp", stricter)[0] == [0, 1]
 
 
 def test_plan_refuses_what_cannot_run_with_clear_errors(tmp_path):
     with pytest.raises(ModelUnavailable, match=r"captioner.*cpu profile has no default captioner"):
-        plan_experts(ExpertsConfig(experts=("caption",)), MODELS)
+        plan_experts(ExtractConfig(experts=("caption",)), MODELS)
     with pytest.raises(ModelUnavailable, match=r"no model file at .*yolox_nano.onnx.*CAPFACTORY_MODELS_DIR"):
-        plan_experts(ExpertsConfig(experts=("objects",)), str(tmp_path))
+        plan_experts(ExtractConfig(experts=("objects",)), str(tmp_path))
     with pytest.raises(ModelUnavailable, match="endpoint"):
-        plan_experts(ExpertsConfig(experts=("caption",), captioner={"backend": "openai"}), MODELS)
+        plan_experts(ExtractConfig(experts=("caption",), captioner={"backend": "openai"}), MODELS)
     with pytest.raises(ModelUnavailable, match="no such backend"):
-        plan_experts(ExpertsConfig(ocr={"backend": "nope"}), MODELS)
-    plan = plan_experts(ExpertsConfig(experts=("ocr",)), str(tmp_path))  # OCR needs no models folder
+        plan_experts(ExtractConfig(ocr={"backend": "nope"}), MODELS)
+    plan = plan_experts(ExtractConfig(experts=("ocr",)), str(tmp_path))  # OCR needs no models folder
     assert plan.ocr[0] == "rapidocr" and plan.detector is None and plan.captioner is None
 
 

@@ -7,13 +7,13 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from infra.settings import QualityConfig
+from infra.settings import ScoreConfig
 from tasks.filters import apply_filters
 from tasks.score import TRANSLATION_SCORE
 
 
-def cfg(**filters) -> QualityConfig:
-    return QualityConfig(filters={"drop_duplicates": False, "drop_semdedup": False, **filters})
+def cfg(**filters) -> ScoreConfig:
+    return ScoreConfig(filters={"drop_duplicates": False, "drop_semdedup": False, **filters})
 
 
 def table(**overrides) -> pa.Table:
@@ -42,7 +42,7 @@ def test_status_duplicates_and_semdedup_mark_rows_and_delete_nothing():
     t = table(status=["ok", "error", "opted_out"] + ["ok"] * 7,
               duplicate_of=pa.array([None, None, None, "000"] + [None] * 6, pa.string()),
               semdedup_duplicate_of=pa.array([None] * 9 + ["004"], pa.string()))
-    out, counts = apply_filters(t, QualityConfig())
+    out, counts = apply_filters(t, ScoreConfig())
     assert out.num_rows == 10 and out.column_names[:len(t.column_names)] == t.column_names
     assert out.select(t.column_names).equals(t)  # the scores and raw columns are untouched
     f = failed(out)
@@ -112,7 +112,7 @@ def test_size_aspect_language_and_nsfw():
 
 def test_absent_or_all_null_columns_skip_their_filters_and_are_reported():
     t = pa.table({"key": ["a", "b"], "status": ["ok", "ok"], "clip_alt": pa.array([None, None], pa.float32())})
-    q = QualityConfig(filters={"clip_min": "laion", "clip_top_percent": {"dense": 50}, "datacomp_basic": True,
+    q = ScoreConfig(filters={"clip_min": "laion", "clip_top_percent": {"dense": 50}, "datacomp_basic": True,
                                "min_size": 10, "max_aspect": 2, "languages": ["en"], "nsfw_max": 0.5})
     out, counts = apply_filters(t, q)
     assert counts["skipped"] == ["duplicate", "semdedup", "clip_alt_min", "clip_dense_topk", "datacomp_basic",
@@ -123,7 +123,7 @@ def test_absent_or_all_null_columns_skip_their_filters_and_are_reported():
 
 
 def test_filters_do_not_change_the_score_config_hash():
-    assert QualityConfig(filters={"clip_min": "laion", "nsfw_max": 0.1}).config_hash() == QualityConfig().config_hash()
-    assert QualityConfig(semdedup={"eps": 0.1}, batch_size=4).config_hash() == QualityConfig().config_hash()
-    assert QualityConfig(nsfw=False).config_hash() != QualityConfig().config_hash()
-    assert QualityConfig(clip={"backend": "open_clip"}).config_hash() != QualityConfig().config_hash()
+    assert ScoreConfig(filters={"clip_min": "laion", "nsfw_max": 0.1}).config_hash() == ScoreConfig().config_hash()
+    assert ScoreConfig(semdedup={"eps": 0.1}, batch_size=4).config_hash() == ScoreConfig().config_hash()
+    assert ScoreConfig(nsfw=False).config_hash() != ScoreConfig().config_hash()
+    assert ScoreConfig(clip={"backend": "open_clip"}).config_hash() != ScoreConfig().config_hash()

@@ -14,7 +14,7 @@ import pytest
 
 from infra.loopback_server import ImageServer
 from infra.models import ModelUnavailable
-from infra.settings import DownloadConfig, ExpertsConfig, FuseConfig, IngestConfig, InputSpec
+from infra.settings import DownloadConfig, ExtractConfig, FuseConfig, IngestConfig, InputSpec
 from infra.store import LocalStore
 from tasks.extract import extract_shard
 from tasks.fuse import (
@@ -98,7 +98,7 @@ def coco_dataset(tmp_path_factory):
         cfg = IngestConfig(shard_size=100, download=DownloadConfig(allow_cidrs=("127.0.0.0/8",), retries=0))
         plan_ingest(store, "coco", [InputSpec(path=str(tmp / "urls.parquet"))], cfg)
         ingest_shard(store.uri, "coco", 0, cfg)
-    extract_shard(store.uri, "coco", 0, ExpertsConfig(experts=("objects", "attributes")), str(SHARED / "models"))
+    extract_shard(store.uri, "coco", 0, ExtractConfig(experts=("objects", "attributes")), str(SHARED / "models"))
     return store
 
 

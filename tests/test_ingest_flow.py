@@ -113,9 +113,8 @@ def test_flow_on_local_cluster_records_every_fault_and_lands_every_good_image_on
 
 @pytest.mark.slow
 def test_flow_writes_to_s3_protocol_server(server, tmp_path, monkeypatch):
-    from moto.server import ThreadedMotoServer
-
     from flows.ingest import run_ingest
+    from moto.server import ThreadedMotoServer
 
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     moto.start()

@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from infra.loopback_server import ImageServer
-from infra.settings import DatasetSpec, DownloadConfig, IngestConfig, InputSpec, PublishConfig, QualityConfig
+from infra.settings import DatasetSpec, DownloadConfig, IngestConfig, InputSpec, PublishConfig, ScoreConfig
 from infra.store import LocalStore
 from tasks.extract import EXPERTS_SCHEMA
 from tasks.fuse import FUSED_SCHEMA
@@ -40,7 +40,7 @@ TRANSLATED_SCHEMA = pa.schema([
     ("qe_lang", pa.string()), ("qe_length_ratio", pa.float32()), ("qe_chrf_roundtrip", pa.float32()),
     ("provenance", pa.map_(pa.string(), pa.string())),
 ])
-QUALITY = QualityConfig(filters=QualityConfig.Filters(clip_min={"short": 0.2}))
+QUALITY = ScoreConfig(filters=ScoreConfig.Filters(clip_min={"short": 0.2}))
 
 
 def _write(store: LocalStore, dataset: str, stage: str, shard: int, table: pa.Table) -> None:

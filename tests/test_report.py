@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_publish import HOSTILE, QUALITY, make_store
 
-from infra.settings import DatasetSpec, QualityConfig
+from infra.settings import DatasetSpec, ScoreConfig
 from tasks.report import thresholds, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -83,7 +83,7 @@ def test_thresholds_follow_the_filters():
     import pyarrow as pa
 
     table = pa.table({"clip_short": pa.array([0.1, 0.4, 0.3, None, 0.2], pa.float32())})
-    cfg = QualityConfig(filters=QualityConfig.Filters(clip_min="laion", clip_top_percent={"short": 50},
+    cfg = ScoreConfig(filters=ScoreConfig.Filters(clip_min="laion", clip_top_percent={"short": 50},
                                                       nsfw_max=0.5))
     lines = thresholds(cfg, table)
     assert lines["clip_alt"] == [("LAION min (English)", 0.28), ("LAION min (other)", 0.26)]

@@ -17,7 +17,7 @@ from PIL import Image
 
 from infra.loopback_server import ImageServer
 from infra.models import ModelUnavailable, load_backend
-from infra.settings import DownloadConfig, IngestConfig, InputSpec, QualityConfig
+from infra.settings import DownloadConfig, IngestConfig, InputSpec, ScoreConfig
 from infra.store import LocalStore
 from tasks.fuse import FUSED_SCHEMA
 from tasks.ingest import ingest_shard, plan_ingest
@@ -104,7 +104,7 @@ def rows_by_key(store: LocalStore) -> dict[str, dict]:
 def test_score_shard_on_ingest_only_with_clip_off(coco):
     """The cpu profile: CLIP off (no weights), NSFW and language on; every raw row gets a score row."""
     store, keys = coco
-    cfg = QualityConfig()
+    cfg = ScoreConfig()
     assert plan_scores(cfg).clip is None and "off" in plan_scores(cfg).summary["clip"]
     stats = score_shard(store.uri, "coco", 0, cfg)
     rows = rows_by_key(store)
@@ -138,7 +138,7 @@ def add_fused(store: LocalStore, suffix: str) -> None:
 
 def test_clip_embeddings_are_computed_once_and_reused_when_captions_change(coco, tiny_clip, monkeypatch):
     store, keys = coco
-    cfg = QualityConfig(clip={"backend": "open_clip", "model": tiny_clip, "pretrained": None}, nsfw=False,
+    cfg = ScoreConfig(clip={"backend": "open_clip", "model": tiny_clip, "pretrained": None}, nsfw=False,
                         batch_size=2)
     scorer = load_backend("clip", "open_clip", **plan_scores(cfg).clip[1])
     calls: list[int] = []
@@ -192,7 +192,7 @@ def test_translations_are_scored_by_the_multilingual_model(coco, tiny_clip):
     store.put_parquet(stage_key("coco", "translated", 0, "parquet"), table)
     write_marker(store, "coco", "translated", 0, {"shard": 0, "config_hash": "t"})
     tiny = {"model": tiny_clip, "pretrained": None}
-    cfg = QualityConfig(clip={"backend": "open_clip", **tiny}, clip_translations=tiny, nsfw=False)
+    cfg = ScoreConfig(clip={"backend": "open_clip", **tiny}, clip_translations=tiny, nsfw=False)
     stats = score_shard(store.uri, "coco", 0, cfg)
     assert stats["images_embedded"] == 0  # same model id: the stored embeddings serve both roles
     out = rows_by_key(store)
@@ -211,17 +211,17 @@ def test_missing_clip_weights_are_a_clear_error_at_plan_time(tmp_path, monkeypat
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache
     with pytest.raises(ModelUnavailable, match=r"laion2b_s34b_b79k.*not in the local Hugging Face cache"):
-        plan_scores(QualityConfig(profile="gpu"))
+        plan_scores(ScoreConfig(profile="gpu"))
     with pytest.raises(ModelUnavailable, match="neither a checkpoint file nor an open_clip tag"):
-        plan_scores(QualityConfig(clip={"backend": "open_clip", "pretrained": str(tmp_path / "vit.pt")}))
+        plan_scores(ScoreConfig(clip={"backend": "open_clip", "pretrained": str(tmp_path / "vit.pt")}))
     with pytest.raises(ModelUnavailable, match="unknown open_clip architecture"):
-        plan_scores(QualityConfig(clip={"backend": "open_clip", "model": "ViT-Z-99"}))
+        plan_scores(ScoreConfig(clip={"backend": "open_clip", "model": "ViT-Z-99"}))
     with pytest.raises(ModelUnavailable, match="no such backend"):
-        plan_scores(QualityConfig(clip={"backend": "siglip"}))
+        plan_scores(ScoreConfig(clip={"backend": "siglip"}))
     with pytest.raises(ModelUnavailable, match=r"open_clip_config\.json"):
-        plan_scores(QualityConfig(clip={"backend": "open_clip", "model": f"local-dir:{tmp_path}"}))
+        plan_scores(ScoreConfig(clip={"backend": "open_clip", "model": f"local-dir:{tmp_path}"}))
     # A checkpoint file found under the models folder is used.
     (tmp_path / "clip").mkdir()
     (tmp_path / "clip" / "vit.pt").write_bytes(b"x")
-    plan = plan_scores(QualityConfig(clip={"backend": "open_clip", "pretrained": "clip/vit.pt"}), str(tmp_path))
+    plan = plan_scores(ScoreConfig(clip={"backend": "open_clip", "pretrained": "clip/vit.pt"}), str(tmp_path))
     assert plan.clip[1]["pretrained"] == str((tmp_path / "clip" / "vit.pt").resolve())

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from infra.loopback_server import ImageServer
-from infra.settings import DownloadConfig, IngestConfig, InputSpec, QualityConfig
+from infra.settings import DownloadConfig, IngestConfig, InputSpec, ScoreConfig
 from infra.store import LocalStore
 from tasks.filters import apply_filters
 from tasks.ingest import dedup_dataset, ingest_shard, plan_ingest
@@ -55,7 +55,7 @@ def test_score_flow_then_semdedup_then_filters(coco, tiny_clip):
     from flows.score import run_score
 
     store, keys = coco
-    cfg = QualityConfig(clip={"backend": "open_clip", "model": tiny_clip, "pretrained": None},
+    cfg = ScoreConfig(clip={"backend": "open_clip", "model": tiny_clip, "pretrained": None},
                         semdedup={"eps": 1e-4, "clusters": 2}, batch_size=4)
     result = run_score("coco", store=store.uri, config=cfg, workers=2)
     assert result["shards_scored"] == [0, 1] and result["counts"] == {"ok": 8, "skipped": 1}
@@ -82,7 +82,7 @@ def test_score_flow_then_semdedup_then_filters(coco, tiny_clip):
     by_key = {r["key"]: r for r in raw.to_pylist()}
     joined = pa.Table.from_pylist([{**by_key[k], **{c: v for c, v in rows[k].items() if c.startswith(("clip_alt",
                                    "nsfw", "lang_"))}, "semdedup_duplicate_of": marked.get(k)} for k in by_key])
-    view, counts = apply_filters(joined, QualityConfig(filters={"datacomp_basic": True, "nsfw_max": 0.9}))
+    view, counts = apply_filters(joined, ScoreConfig(filters={"datacomp_basic": True, "nsfw_max": 0.9}))
     assert view.num_rows == 9 and counts["status"] == 1 and counts["duplicate"] >= 1 and counts["semdedup"] >= 1
     failed = dict(zip(view.column("key").to_pylist(), view.column("failed_filters").to_pylist(), strict=True))
     assert "status" in failed[keys["not-found-image.jpg"]] and "semdedup" in failed[second]
@@ -102,7 +102,7 @@ def test_score_flow_on_an_ingest_only_dataset_with_the_cpu_profile(coco):
     for shard in (0, 1):
         for ext in ("parquet", "stats.json"):
             store.delete(stage_key("coco", STAGE, shard, ext))
-    result = run_score("coco", store=store.uri, config=QualityConfig(), workers=1)
+    result = run_score("coco", store=store.uri, config=ScoreConfig(), workers=1)
     assert result["counts"] == {"ok": 8, "skipped": 1} and result["images_embedded"] == 0
     assert result["models"]["clip"].startswith("off") and result["semdedup"]["run"] is False
     row = next(r for r in store.get_parquet(stage_key("coco", STAGE, 0, "parquet")).to_pylist()

@@ -14,7 +14,7 @@ import pandas as pd
 
 from expectations.common import LANG_REGEX, SuiteInputs, provenance, sample_keys, status_values, table_shape, where
 
-SUITE = "scores"
+SUITE = "score"
 ROW_ID = ("key",)
 COLUMNS = ["key", "status", "error", "clip_alt", "clip_short", "clip_dense", "clip_translations", "nsfw",
            "lang_alt", "lang_alt_prob", "lang_short", "lang_dense", "provenance"]

@@ -12,7 +12,7 @@ import great_expectations.expectations as gxe
 
 from expectations.common import LANG_REGEX, SuiteInputs, provenance, sample_keys, table_shape, text_column, where
 
-SUITE = "translated"
+SUITE = "translate"
 ROW_ID = ("key", "field", "lang")
 COLUMNS = ["key", "field", "lang", "source_text", "text", "status", "qe_passed", "qe_reasons", "qe_lang",
            "qe_length_ratio", "qe_chrf_roundtrip", "provenance"]

@@ -18,7 +18,7 @@ from expectations.common import SuiteInputs, provenance, sample_keys, status_val
 from tasks.fuse import FUSED_SCHEMA, PROMPTS
 from tasks.guards import LEAKAGE_PATTERNS
 
-SUITE = "fused"
+SUITE = "fuse"
 ROW_ID = ("key",)
 CAPTIONS = {"caption_short": "short_passed", "caption_dense": "dense_passed"}
 MIN_PHRASE_WORDS = 4  # template sentences shorter than this are too generic to call leakage

@@ -17,7 +17,7 @@ from expectations.common import (
 )
 from tasks.shards import INGEST_SCHEMA
 
-SUITE = "raw"
+SUITE = "ingest"
 ROW_ID = ("key",)
 URL_REGEX = r"^(?:https?|file)://\S"
 OK = 'status == "ok"'

@@ -1,0 +1,158 @@
+"""The one flow skeleton of the shard stages, and the one way any stage is run: in a subflow of `build`, or alone
+from the CLI on its own Prefect API + Dask cluster.
+
+A shard-stage flow: plan (every user-fixable error before any task runs) -> prepare (the stage's dataset-wide
+first step, e.g. ingest's manifests) -> shard status -> GPU placement from the plan -> one task per shard ->
+gather with a progress bar -> finish (dataset-wide last step, e.g. dedup) -> totals, summary artifact -> raise if a
+shard failed (the finished ones are kept).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from contextlib import nullcontext
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import dask
+from prefect import Flow, flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.common import gather_shards
+from infra.runtime import flow_runtime
+from infra.settings import DatasetSpec, Settings
+from infra.stages import migrate_layout, stage_class
+from infra.store import open_store
+from tasks.stage import ShardStage, merge_totals
+
+log = logging.getLogger("capfactory")
+
+
+def open_dataset(store: str | None, dataset: str):
+    """The store, with the dataset moved to the current layout if it was built with the old folder names."""
+    opened = open_store(store or Settings().store)
+    moved = migrate_layout(opened, dataset)
+    if moved:
+        log.warning("moved %d objects of %s from the old folder names to the stage names", moved, dataset)
+    return opened
+
+
+def make_stage(name: str, spec: DatasetSpec, models_dir: str | None = None, **options: Any):
+    """The stage `name` configured by its spec section (shard stages also take the models folder and options such
+    as ingest's `retry_failed`)."""
+    cls = stage_class(name)
+    if not issubclass(cls, ShardStage):
+        return cls()
+    models_dir = str(Path(models_dir or Settings().models_dir).resolve())
+    return cls.from_spec(spec, models_dir, **options)
+
+
+@cache
+def _shard_task(name: str, retries: int):
+    @task(name=f"{name}-shard", task_run_name=f"{name}-shard-{{shard:05d}}", persist_result=False, retries=retries,
+          retry_delay_seconds=2)
+    def shard_task(stage: ShardStage, store_uri: str, dataset: str, shard: int) -> dict:
+        return stage.run_shard(store_uri, dataset, shard)
+
+    return shard_task
+
+
+@task(persist_result=False)
+def prepare_task(stage: ShardStage, store_uri: str, dataset: str) -> dict:
+    return stage.prepare(store_uri, dataset)
+
+
+@task(persist_result=False, retries=1, retry_delay_seconds=2)
+def finish_task(stage: ShardStage, store_uri: str, dataset: str, stats: list[dict], done: list[int],
+                failed: list[int]) -> dict:
+    return stage.finish(store_uri, dataset, stats, done, failed)
+
+
+def header_line(stage: str, result: dict) -> str:
+    return (f"\n{stage} of {result['dataset']} in {result['store']}: {len(result['shards_run'])} shards run, "
+            f"{len(result['shards_already_done'])} already done, {len(result['shards_waiting'])} waiting, "
+            f"{len(result['shards_failed'])} failed")
+
+
+def _run_shard_stage(stage: ShardStage, dataset: str, store: str | None, progress: bool) -> dict:
+    logger = get_run_logger()
+    plan = stage.plan()  # a backend that cannot be provided fails here, before any task runs
+    opened = open_dataset(store, dataset)
+    store_uri = opened.uri
+    prepared = prepare_task.with_options(name=f"prepare-{stage.name}")(stage, store_uri, dataset) \
+        if stage.has_prepare else {}
+    for warning in prepared.pop("warnings", []):
+        logger.warning("%s", warning)
+    todo, done, waiting = stage.preflight(opened, dataset)
+    if waiting:
+        logger.warning("%d shards wait for %s and are left for a later run: %s", len(waiting),
+                       ", ".join(stage.required()), waiting)
+    logger.info("%s on %d shards (%d already done); backends: %s", stage.name, len(todo), len(done),
+                plan.backends or "-")
+    samples = {s: stage.shard_samples(opened, dataset, s) for s in todo}
+    shard_task = _shard_task(stage.name, stage.retries)
+    with dask.annotate(resources={"GPU": 1}) if plan.gpu else nullcontext():  # the GPU rule: the plan decides
+        futures = {shard_task.submit(stage, store_uri, dataset, s): s for s in todo}
+    finished, failed = gather_shards(futures, samples, f"{stage.name} {dataset}", progress, logger)
+    finished.sort(key=lambda s: s["shard"])
+    result = {"stage": stage.name, "dataset": dataset, "store": store_uri, "config_hash": stage.config_hash,
+              "backends": plan.backends, "shards_run": [s["shard"] for s in finished], "shards_failed": sorted(failed),
+              "shards_already_done": done, "shards_waiting": waiting, **prepared, **merge_totals(finished)}
+    result.update(finish_task.with_options(name=f"finish-{stage.name}")(stage, store_uri, dataset, finished, done,
+                                                                        failed))
+    create_markdown_artifact("\n".join([f"# {stage.name} of `{dataset}`", header_line(stage.name, result).strip(),
+                                        "", *stage.summary(result)]),
+                             key=f"{stage.name}-summary", description=f"{stage.name} of {dataset}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} shard(s) failed: {sorted(failed)}; re-run the same command to resume them")
+    return result
+
+
+def _shard_stage_flow(name: str) -> Flow:
+    def run(dataset: str, config: dict, store: str | None = None, models_dir: str | None = None,
+            options: dict | None = None, progress: bool = False) -> dict:
+        stage = stage_class(name).from_config(config, models_dir, **(options or {}))
+        return _run_shard_stage(stage, dataset, store, progress)
+
+    run.__doc__ = stage_class(name).description
+    return flow(name=name, log_prints=True)(run)
+
+
+@cache
+def stage_flow(name: str) -> Flow:
+    """The Prefect flow of a stage: the shared skeleton for shard stages, flows/<name>.py for the others."""
+    if issubclass(stage_class(name), ShardStage):
+        return _shard_stage_flow(name)
+    return getattr(importlib.import_module(f"flows.{name}"), f"{name}_flow")
+
+
+def run_in_flow(stage, spec: DatasetSpec, store: str, runner, progress: bool) -> dict:
+    """Run one stage as a flow (a subflow when called inside `build`) on the given task runner."""
+    run = stage_flow(stage.name).with_options(task_runner=runner)
+    if isinstance(stage, ShardStage):
+        return run(dataset=spec.name, config=stage.config.model_dump(mode="json"), store=store,
+                   models_dir=stage.models_dir, options=stage.options, progress=progress)
+    kwargs = {"progress": progress} if "progress" in inspect.signature(run.fn).parameters else {}
+    return run(dataset=spec.name, store=store, spec=spec, **kwargs)
+
+
+def needs_gpu(stages) -> bool:
+    """Whether local workers must advertise a GPU: some stage's plan places its tasks on one."""
+    return any(isinstance(s, ShardStage) and s.plan().gpu for s in stages)
+
+
+def run_stage(name: str, spec: DatasetSpec, *, models_dir: str | None = None, dask_address: str | None = None,
+              workers: int | None = None, progress: bool = False, **options: Any) -> dict:
+    """`capfactory <stage>`: plan first (errors before anything starts), then the Prefect API and the Dask cluster,
+    then the stage's flow on them."""
+    stage = make_stage(name, spec, models_dir, **options)
+    settings = Settings()
+    store = spec.store or settings.store
+    if isinstance(stage, ShardStage) and not stage.has_prepare:
+        stage.preflight(open_dataset(store, spec.name), spec.name)  # a dataset it cannot run on fails here
+    with flow_runtime(dask_address or settings.dask_address, workers or settings.dask_workers,
+                      gpu=needs_gpu([stage]), warm=stage.warm) as runner:
+        return run_in_flow(stage, spec, store, runner, progress)
