@@ -26,7 +26,7 @@ from infra.runtime import flow_runtime
 from infra.settings import DatasetSpec, Settings
 from infra.stages import migrate_layout, stage_class
 from infra.store import open_store
-from tasks.stage import ShardStage, merge_totals
+from tasks.stage import ShardStage, StageError, merge_totals
 
 log = logging.getLogger("capfactory")
 
@@ -77,6 +77,19 @@ def header_line(stage: str, result: dict) -> str:
             f"{len(result['shards_failed'])} failed")
 
 
+def check_gpu_workers(stage: ShardStage) -> None:
+    """A stage placed on a GPU needs a worker that advertises one, or its tasks wait forever: say so at once."""
+    from prefect.context import FlowRunContext
+
+    client = FlowRunContext.get().task_runner.client
+    workers = client.scheduler_info()["workers"]
+    if not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values()):
+        raise StageError(f"the {stage.name} stage runs on a GPU ({stage.plan().backends}) but none of the "
+                         f"{len(workers)} Dask workers at {client.scheduler.address} advertises one: start them "
+                         "with `dask worker ... --resources GPU=1`, or leave out --dask-address (local workers "
+                         "then advertise it)")
+
+
 def _run_shard_stage(stage: ShardStage, dataset: str, store: str | None, progress: bool) -> dict:
     logger = get_run_logger()
     plan = stage.plan()  # a backend that cannot be provided fails here, before any task runs
@@ -94,6 +107,8 @@ def _run_shard_stage(stage: ShardStage, dataset: str, store: str | None, progres
                 plan.backends or "-")
     samples = {s: stage.shard_samples(opened, dataset, s) for s in todo}
     shard_task = _shard_task(stage.name, stage.retries)
+    if plan.gpu and todo:
+        check_gpu_workers(stage)
     with dask.annotate(resources={"GPU": 1}) if plan.gpu else nullcontext():  # the GPU rule: the plan decides
         futures = {shard_task.submit(stage, store_uri, dataset, s): s for s in todo}
     finished, failed = gather_shards(futures, samples, f"{stage.name} {dataset}", progress, logger)

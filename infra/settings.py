@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra.languages import PRESETS, canonical_language
 from infra.stages import LEGACY_FOLDERS, ORDER, OUTPUT_STAGES
 
 DEFAULT_STORE = "./capfactory-data"
@@ -241,22 +242,16 @@ class TranslateConfig(_Strict):
     @field_validator("source_language")
     @classmethod
     def _source(cls, value: str) -> str:
-        from tasks.translate import canonical_language
-
         return canonical_language(value)
 
     @field_validator("languages")
     @classmethod
     def _languages(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from tasks.translate import canonical_language
-
         return tuple(dict.fromkeys(canonical_language(v) for v in value))
 
     @field_validator("distribution")
     @classmethod
     def _distribution(cls, value: str | dict[str, float]) -> str | dict[str, float]:
-        from tasks.translate import PRESETS, canonical_language
-
         if isinstance(value, str):
             if value not in PRESETS:
                 raise ValueError(f"unknown preset {value!r} (known: {', '.join(PRESETS)}; or a {{lang: weight}} map)")

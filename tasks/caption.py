@@ -29,32 +29,33 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
 import importlib
 import io
 import json
-import os
-import random
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from typing import Any
 
 import aiohttp
 from PIL import Image
 
 from infra.models import ModelUnavailable
-from tasks.download import retry_after_seconds
+from tasks.lib.openai_http import (
+    MAX_RETRY_AFTER,
+    AttemptError,
+    chat_session,
+    json_headers,
+    message_text,
+    post_chat,
+    run_sync,
+    server_address,
+    with_retries,
+)
 
 API_KEY_ENV = "CAPFACTORY_CAPTIONER_API_KEY"
 DEFAULT_PROMPT = "Describe this image in one detailed sentence."
-TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})  # plus any other 5xx
-MAX_RESPONSE_BYTES = 1 << 20  # a chat completion with <= 4096 tokens is far below this
-MAX_RETRY_AFTER = 30.0
 
 CaptionOutcome = tuple[str | None, str | None]  # (caption, error): exactly one is set
-
-_T = TypeVar("_T")
 
 
 class CaptionError(RuntimeError):
@@ -115,104 +116,6 @@ def image_to_data_url(img: Image.Image, max_side: int = 768, quality: int = 90) 
 # ---- the OpenAI-compatible (vLLM) backend -----------------------------------------------------------------------
 
 
-class AttemptError(Exception):
-    def __init__(self, message: str, *, transient: bool, retry_after: float | None = None):
-        super().__init__(message)
-        self.transient = transient
-        self.retry_after = retry_after
-
-
-async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole body, or AttemptError (not transient) once it exceeds `limit` bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > limit:
-            raise AttemptError(f"bad_response: reply larger than {limit} bytes (HTTP {resp.status})", transient=False)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def message_text(payload: Any) -> str:
-    """The assistant text of a chat completion; raises AttemptError (not transient) if the shape is wrong."""
-    try:
-        content = payload["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError):
-        raise AttemptError("bad_response: no choices[0].message.content in the reply", transient=False) from None
-    if isinstance(content, list):  # some servers return content parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    if content is None:
-        content = ""
-    if not isinstance(content, str):
-        raise AttemptError(f"bad_response: content is {type(content).__name__}, not text", transient=False)
-    return content.strip()
-
-
-async def post_chat(session: aiohttp.ClientSession, url: str, body: bytes, timeout: float) -> Any:
-    """POST one chat-completions request and return the parsed JSON reply. Raises AttemptError, marked
-    transient (timeouts, connection errors, 408/429/5xx) or not; shared by the captioner and the LLM backends."""
-    try:
-        async with session.post(url, data=body) as resp:
-            raw = await read_bounded(resp, MAX_RESPONSE_BYTES)
-            if resp.status != 200:
-                detail = raw[:300].decode("utf-8", "replace").strip()
-                raise AttemptError(
-                    f"http_{resp.status}: {detail}",
-                    transient=resp.status in TRANSIENT_HTTP or resp.status >= 500,
-                    retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
-                )
-    except AttemptError:
-        raise
-    except (TimeoutError, aiohttp.ServerTimeoutError):
-        raise AttemptError(f"timeout: no complete reply within {timeout}s", transient=True) from None
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-        raise AttemptError(f"connection: {type(e).__name__}: {e}", transient=True) from None
-    except aiohttp.ClientError as e:
-        raise AttemptError(f"client: {type(e).__name__}: {e}", transient=False) from None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise AttemptError("bad_response: reply is not JSON", transient=False) from None
-
-
-def chat_session(concurrency: int, timeout: float, headers: dict[str, str]) -> aiohttp.ClientSession:
-    """A session for an OpenAI-compatible server: `concurrency` connections, `timeout` seconds per attempt, no
-    cookies, and never a proxy from the environment."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
-                                 timeout=aiohttp.ClientTimeout(total=timeout), headers=headers,
-                                 cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
-
-
-async def with_retries(attempt: Callable[[], Awaitable[_T]], *, retries: int, backoff: float, max_backoff: float,
-                       max_retry_after: float) -> tuple[_T | None, str | None, int]:
-    """Await `attempt()` until it succeeds, retrying transient AttemptErrors with exponential backoff and jitter
-    (at least Retry-After, capped). Returns (result, None, attempts) or (None, error message, attempts)."""
-    n = 0
-    while True:
-        n += 1
-        try:
-            return await attempt(), None, n
-        except AttemptError as e:
-            if not e.transient or n > retries:
-                return None, f"{e}" + (f" (after {n} attempts)" if n > 1 else ""), n
-            delay = min(max_backoff, backoff * 2 ** (n - 1)) * (1 + random.random() / 4)
-            if e.retry_after is not None:
-                delay = max(delay, min(e.retry_after, max_retry_after))
-        await asyncio.sleep(delay)
-
-
-def run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run a coroutine to completion from sync code: asyncio.run here, or in a helper thread if this thread
-    already runs an event loop (asyncio.run refuses to nest)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="capfactory-caption") as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
 class OpenAICaptioner:
     """A VLM behind an OpenAI-compatible `POST {endpoint}/chat/completions` (vLLM, llama.cpp server, ...).
 
@@ -244,16 +147,9 @@ class OpenAICaptioner:
                 "set experts.captioner.endpoint (e.g. http://vllm:8000/v1) and "
                 "experts.captioner.model; no captioning model runs offline on CPU here",
             )
-        parts = urlsplit(endpoint.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ModelUnavailable(
-                "captioner",
-                "openai",
-                f"experts.captioner.endpoint {endpoint!r} is not an http(s) base URL (e.g. http://vllm:8000/v1)",
-            )
+        self.endpoint, host = server_address(endpoint, "captioner", "openai", "experts.captioner.endpoint")
         if concurrency < 1 or max_tokens < 1 or timeout <= 0 or retries < 0:
             raise ValueError("concurrency and max_tokens must be >= 1, timeout > 0, retries >= 0")
-        self.endpoint = endpoint.strip().rstrip("/")
         self.url = self.endpoint + "/chat/completions"
         self.model = model
         self.prompt = prompt
@@ -266,12 +162,8 @@ class OpenAICaptioner:
         self.max_retry_after = max_retry_after
         self.max_side = max_side
         self.quality = quality
-        host = parts.hostname + (f":{parts.port}" if parts.port else "")
         self.model_id = f"openai:{model}@{host}"
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        api_key = os.environ.get(API_KEY_ENV, "").strip()
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._headers = json_headers(API_KEY_ENV)
 
     # -- public API --
 

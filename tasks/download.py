@@ -10,13 +10,12 @@ import asyncio
 import random
 import socket
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
-from time import time
 from urllib.parse import urljoin
 
 import aiohttp
 
 from infra.settings import DownloadConfig
+from tasks.lib.openai_http import retry_after_seconds
 from tasks.robots import ROBOTS_MAX_BYTES, RobotsCache, RobotsUnavailable, x_robots_refusal
 from tasks.ssrf import AddressPolicy, BlockedURL, GuardedResolver
 
@@ -47,20 +46,6 @@ class FetchError(Exception):
         self.http_status = http_status
         self.retry_after = retry_after
         self.status = status
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent or unparsable."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time())
-    except (TypeError, ValueError):
-        return None
 
 
 class Downloader:

@@ -8,8 +8,8 @@ a `GuardResult` (passed, the reasons, the object concepts the caption asserts an
 - **leakage / refusal**: `LEAKAGE_PATTERNS`, the one documented list of case-insensitive regexes (prompt field
   names and delimiters of `tasks/prompts/*.yaml`, chat-template tokens, refusals, "here is ...").
 - **repetition**: the same three words three times or more (a looping decoder); no human caption does that.
-- **language**: `py3langid.classify` must give `language`. Skipped below `LANGID_MIN_WORDS` (4) words, where
-  character n-gram language ID is unreliable (e.g. "Hotel Paris" or "A cat." can come out as anything).
+- **language**: py3langid (`tasks.lib.langid.detect`) must give `language`. Skipped below `LANGID_MIN_WORDS` (4)
+  words, where character n-gram language ID is unreliable (e.g. "Hotel Paris" or "A cat." can come out as anything).
   py3langid comes with the `llm` extra; without it a language check raises `ModelUnavailable` (role langid).
 - **grounding**: the caption's object concepts (see below) must each be supported by the alt-text, the OCR text
   or a detected label, directly or through `RELATED` (bike -> bicycle or motorcycle, ...); more than
@@ -43,13 +43,13 @@ crashes a check nor hides an instruction from it.
 from __future__ import annotations
 
 import re
-import unicodedata
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
 
-LANGID_MIN_WORDS = 4  # the language check is skipped for captions shorter than this (langid is unreliable there)
+from tasks.lib import langid
+from tasks.lib.text import find_repetition, normalize_text, pluralize, sentences, words
+
 MIN_MARKER_CHARS = 3  # injection payloads shorter than this (after normalisation) are not matched
 
 
@@ -60,28 +60,6 @@ class GuardResult:
     mentioned: list[str] = field(default_factory=list)  # canonical object concepts the caption asserts
     unsupported: list[str] = field(default_factory=list)  # mentioned, not supported by alt-text / OCR / labels
     language: str | None = None  # detected language of the caption (None: not checked, too short or empty)
-
-
-# ---- text normalisation ------------------------------------------------------------------------------------------
-
-
-def normalize_text(text: str | None) -> str:
-    """NFKC, invisible format characters (Cf: zero-width, bidi controls, BOM) and lone surrogates removed,
-    typographic apostrophes folded to "'"."""
-    if not text:
-        return ""
-    if isinstance(text, bytes | bytearray):
-        text = bytes(text).decode("utf-8", "replace")
-    elif not isinstance(text, str):
-        text = str(text)
-    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates (surrogateescape input) -> "?"
-    text = unicodedata.normalize("NFKC", text)
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
-    return text.replace("\u2019", "'").replace("\u2018", "'").replace("\u02bc", "'")
-
-
-def _words(text: str) -> list[str]:
-    return [w for w in text.split() if any(ch.isalnum() for ch in w)]
 
 
 # ---- leakage and refusal -----------------------------------------------------------------------------------------
@@ -201,10 +179,6 @@ def find_injection(text: str | None) -> str | None:
     return (snippet or best.group(0).strip())[:MAX_SNIPPET]
 
 
-def _sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
-
-
 _QUOTED = re.compile(r"[\"“«`]([^\"“”«»`\n]{1,200})[\"”»`]|(?<!\w)'([^'\n]{1,200}?)'(?!\w)")
 _AFTER_IMPERATIVE = re.compile(
     rf"\b(?:(?:respond|reply|answer)\s+(?:only\s+)?with|{_IMPERATIVE})\b\s*(?:only\s+|just\s+|exactly\s+|instead\s+|"
@@ -228,12 +202,12 @@ def injection_payloads(text: str | None) -> list[str]:
     text = normalize_text(text)
     if not text or find_injection(text) is None:
         return []
-    sentences = _sentences(text)
-    flagged = {i for i, s in enumerate(sentences) if find_injection(s)}
-    picked = sorted(flagged | {i + 1 for i in flagged if i + 1 < len(sentences)})
+    pieces = sentences(text)
+    flagged = {i for i, s in enumerate(pieces) if find_injection(s)}
+    picked = sorted(flagged | {i + 1 for i in flagged if i + 1 < len(pieces)})
     out: list[str] = []
     for i in picked:
-        s = sentences[i]
+        s = pieces[i]
         found = [a or b for a, b in _QUOTED.findall(s)]
         found += [m.group(1) for m in _AFTER_IMPERATIVE.finditer(s) if m.group(1)[0] not in _QUOTE_OPEN]
         for p in found:
@@ -428,41 +402,6 @@ per like unlike plus s i you he she it we they me him us them my your our
 slice slices wedge wedges peel peels half halves segments segment piece pieces
 """
 FUNCTION_WORDS = frozenset(_FUNCTION_WORDS.split())
-_IRREGULAR_PLURALS = {
-    "man": "men", "woman": "women", "child": "children", "person": "people", "mouse": "mice", "goose": "geese",
-    "ox": "oxen", "foot": "feet", "tooth": "teeth", "sheep": "sheep", "deer": "deer", "fish": "fish",
-    "cattle": "cattle", "people": "people", "scissors": "scissors", "skis": "skis", "shears": "shears",
-    "luggage": "luggage", "baggage": "baggage", "broccoli": "broccoli", "bison": "bison", "buffalo": "buffaloes",
-    "audience": "audiences", "human": "humans", "german": "germans", "leaf": "leaves", "loaf": "loaves",
-    "knife": "knives", "wife": "wives", "life": "lives", "bus": "buses", "tomato": "tomatoes", "potato": "potatoes",
-    "hero": "heroes", "someone": "someone", "somebody": "somebody", "crowd": "crowds",
-}  # fmt: skip
-
-
-def pluralize(word: str) -> str:
-    """English plural of a noun (of the last word of a phrase) by simple rules plus irregular forms."""
-    head, _, last = word.rpartition(" ")
-    prefix = f"{head} " if head else ""
-    low = last.lower()
-    if low in _IRREGULAR_PLURALS:
-        plural = _IRREGULAR_PLURALS[low]
-    elif low.endswith("man") and low not in ("human", "german", "roman", "shaman"):
-        plural = low[:-3] + "men"  # fireman, policewoman, businessman
-    elif low.endswith("child"):
-        plural = low + "ren"
-    elif low.endswith(("s", "x", "z", "ch", "sh")):
-        plural = low + "es"
-    elif low.endswith("y") and len(low) > 1 and low[-2] not in "aeiou":
-        plural = low[:-1] + "ies"
-    elif low.endswith("lf"):
-        plural = low[:-1] + "ves"  # shelf, calf, wolf, half
-    elif low.endswith("ife"):
-        plural = low[:-2] + "ves"
-    else:
-        plural = low + "s"
-    return prefix + plural
-
-
 def _tokens(text: str) -> list[str]:
     """Lower-case word tokens (letters, digits, in-word apostrophes split off) and clause punctuation tokens."""
     out = []
@@ -598,46 +537,6 @@ def supported_concepts(alt_text: str | None, ocr_text: str | None, labels: Itera
     return direct | {r for c in direct for r in RELATED.get(c, ())}
 
 
-# ---- language ----------------------------------------------------------------------------------------------------
-
-
-@cache
-def _have_langid() -> bool:
-    try:
-        import py3langid  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def detect_language(text: str) -> str | None:
-    """py3langid's top language code for `text` (None for empty text)."""
-    text = normalize_text(text).strip()
-    if not text:
-        return None
-    try:
-        import py3langid
-    except ImportError as exc:
-        from infra.models import ModelUnavailable
-
-        raise ModelUnavailable("langid", "py3langid", "install the llm extra: pip install 'capfactory[llm]' "
-                               "(py3langid==0.4.0)") from exc
-    return py3langid.classify(text)[0]
-
-
-# ---- repetition ------------------------------------------------------------------------------------------------------
-
-
-def find_repetition(text: str, n: int = 3, times: int = 3) -> str | None:
-    """A word n-gram occurring `times` times or more (a looping decoder), else None."""
-    words = [w for w in re.findall(r"[^\W_]+", normalize_text(text).lower())]
-    grams = Counter(tuple(words[k:k + n]) for k in range(len(words) - n + 1))
-    top = grams.most_common(1)
-    if top and top[0][1] >= times:
-        return f"{' '.join(top[0][0])!r} x{top[0][1]}"
-    return None
-
-
 # ---- the guard -----------------------------------------------------------------------------------------------------
 
 
@@ -653,7 +552,7 @@ def check_caption(caption: str | None, *, alt_text: str | None, ocr_text: str | 
     if not text:
         return GuardResult(False, ["empty"])
     reasons: list[str] = []
-    n_words = len(_words(text))
+    n_words = len(words(text))
     if n_words < min_words:
         reasons.append(f"too_short: {n_words} words < {min_words}")
     if n_words > max_words:
@@ -672,8 +571,8 @@ def check_caption(caption: str | None, *, alt_text: str | None, ocr_text: str | 
         reasons.append(f"repetition: {rep}")
 
     detected = None
-    if n_words >= LANGID_MIN_WORDS and (language or _have_langid()):
-        detected = detect_language(text)
+    if n_words >= langid.LANGID_MIN_WORDS and (language or langid.available()):
+        detected = langid.detect(text)
         if language and detected != language:
             reasons.append(f"language: {detected} != {language}")
 

@@ -13,7 +13,7 @@ model stopped at once), which is a result, not an error: the stage decides what 
   `python -m llama_cpp.server`, llama.cpp's `llama-server`, a hosted API). Up to `concurrency` requests in flight;
   transient failures (connection errors, timeouts, 408/429/5xx) are retried with exponential backoff and jitter,
   honouring Retry-After; other 4xx and malformed replies fail that conversation at once. The HTTP machinery
-  (bounded reads, reply parsing, the sync-over-async runner, the retry classification) is tasks.caption's.
+  (bounded reads, reply parsing, the sync-over-async runner, the retry classification) is tasks.lib.openai_http.
 - `VllmLLM` ("vllm", the gpu profile's default): vLLM's offline engine (`vllm.LLM.chat` over the whole batch, so
   vLLM's continuous batching sees thousands of prompts at once). CUDA only; not installed or run on the CPU
   machines this project is built on, so only its ModelUnavailable path is tested here.
@@ -33,7 +33,6 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -46,19 +45,18 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 
 from infra.models import Completion, Messages, ModelUnavailable
-
-# Private helpers of the captioner's OpenAI client, reused as they are (they should become public there).
-from tasks.caption import (
+from tasks.lib.openai_http import (
     MAX_RETRY_AFTER,
     chat_session,
+    json_headers,
     message_text,
     post_chat,
     run_sync,
+    server_address,
     with_retries,
 )
 
@@ -83,9 +81,23 @@ class Usage:
         return asdict(self)
 
 
-class _UsageMixin:
+class _Backend:
+    """What the backends share: the usage totals, and `generate`'s argument checks before each backend's own
+    `_generate` (which is never called with no conversations)."""
+
     usage: Usage
     _usage_lock: threading.Lock
+
+    def generate(
+        self, conversations: list[Messages], max_tokens: int, temperature: float = 0.0, stop: list[str] | None = None
+    ) -> list[Completion]:
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not conversations:
+            return []
+        return self._generate(conversations, max_tokens, temperature, stop)
 
     def _init_usage(self) -> None:
         self.usage = Usage()
@@ -111,13 +123,6 @@ def _usage_tokens(usage: Any) -> tuple[int, int]:
         v = usage.get(name)
         values.append(v if isinstance(v, int) and v >= 0 else 0)
     return values[0], values[1]
-
-
-def _check_generate_args(max_tokens: int, temperature: float) -> None:
-    if max_tokens < 1:
-        raise ValueError("max_tokens must be >= 1")
-    if temperature < 0:
-        raise ValueError("temperature must be >= 0")
 
 
 # ---- llama.cpp in process ---------------------------------------------------------------------------------------
@@ -146,7 +151,7 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-class LlamaCppLLM(_UsageMixin):
+class LlamaCppLLM(_Backend):
     """A GGUF chat model run by llama-cpp-python in this process (`Llama.create_chat_completion`).
 
     The chat template comes from the GGUF's metadata. Greedy decoding at temperature 0; `seed` seeds sampling at
@@ -189,10 +194,9 @@ class LlamaCppLLM(_UsageMixin):
                 self._model_id = f"llamacpp:{self.model_path.name}@{digest}"
             return self._model_id
 
-    def generate(
-        self, conversations: list[Messages], max_tokens: int, temperature: float = 0.0, stop: list[str] | None = None
+    def _generate(
+        self, conversations: list[Messages], max_tokens: int, temperature: float, stop: list[str] | None
     ) -> list[Completion]:
-        _check_generate_args(max_tokens, temperature)
         out: list[Completion] = []
         for messages in conversations:
             with self._lock:
@@ -217,7 +221,7 @@ class LlamaCppLLM(_UsageMixin):
 # ---- any OpenAI-compatible server -------------------------------------------------------------------------------
 
 
-class OpenAILLM(_UsageMixin):
+class OpenAILLM(_Backend):
     """A chat model behind an OpenAI-compatible `POST {endpoint}/chat/completions` (vLLM, llama.cpp, ...).
 
     `generate` is sync and runs its own event loop (in a helper thread when called from inside one), so it works
@@ -249,14 +253,9 @@ class OpenAILLM(_UsageMixin):
                 "set fuse.endpoint (e.g. http://vllm:8000/v1) and fuse.model (the served model name), "
                 "or use the llamacpp backend",
             )
-        parts = urlsplit(endpoint.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ModelUnavailable(
-                "llm", "openai", f"fuse.endpoint {endpoint!r} is not an http(s) base URL (e.g. http://vllm:8000/v1)"
-            )
+        self.endpoint, host = server_address(endpoint, "llm", "openai", "fuse.endpoint")
         if concurrency < 1 or timeout <= 0 or retries < 0 or backoff < 0:
             raise ValueError("concurrency must be >= 1, timeout > 0, retries >= 0, backoff >= 0")
-        self.endpoint = endpoint.strip().rstrip("/")
         self.url = self.endpoint + "/chat/completions"
         self.model = model
         self.concurrency = concurrency
@@ -267,12 +266,8 @@ class OpenAILLM(_UsageMixin):
         self.max_backoff = max_backoff
         self.max_retry_after = max_retry_after
         self.extra_body = dict(extra_body or {})
-        host = parts.hostname + (f":{parts.port}" if parts.port else "")
         self.model_id = f"openai:{model}@{host}"
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        api_key = os.environ.get(API_KEY_ENV, "").strip()
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._headers = json_headers(API_KEY_ENV)
         self._init_usage()
 
     def request_body(
@@ -291,12 +286,9 @@ class OpenAILLM(_UsageMixin):
         body.update(self.extra_body)
         return body
 
-    def generate(
-        self, conversations: list[Messages], max_tokens: int, temperature: float = 0.0, stop: list[str] | None = None
+    def _generate(
+        self, conversations: list[Messages], max_tokens: int, temperature: float, stop: list[str] | None
     ) -> list[Completion]:
-        _check_generate_args(max_tokens, temperature)
-        if not conversations:
-            return []
         bodies = [json.dumps(self.request_body(m, max_tokens, temperature, stop)).encode() for m in conversations]
         return run_sync(self._generate_all(bodies))
 
@@ -420,7 +412,7 @@ class LlamaCppServer:
 # ---- vLLM's offline engine (GPU workers) ------------------------------------------------------------------------
 
 
-class VllmLLM(_UsageMixin):
+class VllmLLM(_Backend):
     """vLLM's offline engine in this process: `LLM.chat(conversations, SamplingParams(...))` over the whole batch.
 
     One engine per worker process (the registry caches it); it takes the GPU(s) it is given
@@ -462,12 +454,9 @@ class VllmLLM(_UsageMixin):
         self.model_id = f"vllm:{model}"
         self._init_usage()
 
-    def generate(
-        self, conversations: list[Messages], max_tokens: int, temperature: float = 0.0, stop: list[str] | None = None
+    def _generate(
+        self, conversations: list[Messages], max_tokens: int, temperature: float, stop: list[str] | None
     ) -> list[Completion]:
-        _check_generate_args(max_tokens, temperature)
-        if not conversations:
-            return []
         params = self._sampling_params(
             max_tokens=max_tokens, temperature=temperature, stop=list(stop) if stop else None, seed=self.seed
         )

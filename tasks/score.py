@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from infra.models import PROFILES, ModelUnavailable, backend_class, load_backend
 from infra.settings import ClipConfig, ScoreConfig
 from infra.store import open_store
 from tasks.attributes import hub_offline
+from tasks.lib.langid import detect_with_prob
 from tasks.semdedup import semdedup_dataset
 from tasks.shards import RAW, read_marker
 from tasks.stage import ShardContext, ShardOutput, ShardStage, StagePlan, counts_line, take_by_key
@@ -141,27 +141,6 @@ def plan_scores(cfg: ScoreConfig, models_dir: str | None = None) -> ScorePlan:
         backend_class("nsfw", name)
         nsfw = (name, {"batch_size": cfg.batch_size})
     return ScorePlan(clip, translations, nsfw)
-
-
-# ---- language ID ---------------------------------------------------------------------------------------------------
-
-
-@cache
-def _langid():
-    try:
-        from py3langid.langid import _load_identifier
-    except ImportError as e:
-        raise ModelUnavailable("langid", "py3langid", "pip install py3langid==0.4.0") from e
-    return _load_identifier(norm_probs=True)
-
-
-def language(text: str | None) -> tuple[str | None, float | None]:
-    """(ISO 639-1 code, probability) of the text by py3langid; (None, None) for empty text."""
-    text = " ".join((text or "").split())
-    if not text:
-        return None, None
-    lang, prob = _langid().classify(text)
-    return lang, float(prob)
 
 
 # ---- one shard -------------------------------------------------------------------------------------------------
@@ -319,9 +298,9 @@ def _score_row(r: dict, captions: dict, translations: list[dict], nsfw: dict, im
     row = {name: None for name in SCORES_SCHEMA.names}
     row.update(key=r["key"], provenance=list(provenance.items()))
     if cfg.language_id:
-        row["lang_alt"], row["lang_alt_prob"] = language(r["alt_text"])
-        row["lang_short"] = language(captions.get("caption_short"))[0]
-        row["lang_dense"] = language(captions.get("caption_dense"))[0]
+        row["lang_alt"], row["lang_alt_prob"] = detect_with_prob(r["alt_text"])
+        row["lang_short"] = detect_with_prob(captions.get("caption_short"))[0]
+        row["lang_dense"] = detect_with_prob(captions.get("caption_dense"))[0]
     if r["status"] != "ok":
         row["status"], row["error"] = "skipped", f"no image (raw status {r['status']})"
         return row

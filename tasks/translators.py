@@ -3,7 +3,7 @@
 Each backend has a `model_id`, a class method `unsupported(pairs, **options)` that lists the (source, target) pairs
 it cannot translate without loading anything (so a bad pair fails at plan time, before any task runs), and
 `translate(texts, source, target) -> list[Translation]`, one result per text, in order; a failed text carries its
-error and never raises for the batch. Languages are the canonical codes of `tasks.translate.canonical_language`;
+error and never raises for the batch. Languages are the canonical codes of `infra.languages.canonical_language`;
 each backend maps them to its own codes.
 
 - `BergamotTranslator` ("bergamot", cpu default): the Firefox Translations tiny int8 English<->Portuguese models
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from infra.languages import LANGUAGES, canonical_language, language_name
 from infra.models import ModelUnavailable
-from tasks.translate import LANGUAGES, language_name
 
 Pair = tuple[str, str]
 
@@ -107,8 +107,6 @@ def resolve_model_dir(model: str | None, models_dir: str | None) -> Path:
 
 
 def _marian_pair(path: Path) -> Pair | None:
-    from tasks.translate import canonical_language
-
     m = _MARIAN_NAME.search(path.name + "-")
     return (canonical_language(m.group(1)), canonical_language(m.group(2))) if m else None
 

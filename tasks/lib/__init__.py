@@ -1,0 +1,1 @@
+"""Small shared library of the stages: HTTP client, text utilities, language ID."""
