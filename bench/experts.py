@@ -1,9 +1,9 @@
 """Vision experts throughput: images/s per expert and for the whole stage, in one process vs through the flow.
 
 - direct: each expert's backend called in this process on decoded images, in batches (model load time reported
-  separately), and the whole stage's per-shard function (`extract_shard`) on the same shards;
-- flow: `run_extract` on a 2-worker Dask LocalCluster with a temporary Prefect server (whole call, start-up
-  included, and the sum of the shards' own seconds), so the orchestration overhead is visible.
+  separately), and the whole stage's per-shard function (`ExtractStage.run_shard`) on the same shards;
+- flow: `run_stage("extract", ...)` on a 2-worker Dask LocalCluster with a temporary Prefect server (whole call,
+  start-up included, and the sum of the shards' own seconds), so the orchestration overhead is visible.
 Data: the COCO photos of ../shared/data/photos, ingested first (at 640 px, keep_ratio_largest) from a loopback
 server. Prints a table and writes JSON (default bench/results/experts.json).
 
@@ -30,10 +30,11 @@ SHARED = ROOT.parent / "shared"
 
 from infra.loopback_server import ImageServer  # noqa: E402
 from infra.models import load_backend  # noqa: E402
-from infra.settings import DownloadConfig, ExtractConfig, ImageConfig, IngestConfig, InputSpec  # noqa: E402
+from infra.settings import DatasetSpec, DownloadConfig, ExtractConfig, ImageConfig, IngestConfig, InputSpec  # noqa: E402
 from infra.store import LocalStore  # noqa: E402
-from tasks.extract import extract_shard, plan_experts, read_shard_images  # noqa: E402
+from tasks.extract import ExtractStage, plan_experts  # noqa: E402
 from tasks.ingest import ingest_shard, plan_ingest  # noqa: E402
+from tasks.shards import read_shard_images  # noqa: E402
 
 
 def ingest_photos(store: LocalStore, n: int, shard_size: int) -> list[int]:
@@ -59,8 +60,8 @@ def direct_per_expert(images: list[Image.Image], cfg: ExtractConfig, models: str
 
     plan = plan_experts(cfg, models)
     rows = []
-    load_ocr, ocr = timed(lambda: load_backend("ocr", plan.ocr[0], **plan.ocr[1]))
-    load_det, det = timed(lambda: load_backend("detector", plan.detector[0], **plan.detector[1]))
+    load_ocr, ocr = timed(lambda: load_backend("ocr", plan["ocr"][0], **plan["ocr"][1]))
+    load_det, det = timed(lambda: load_backend("detector", plan["detector"][0], **plan["detector"][1]))
     batches = [images[i:i + cfg.batch_size] for i in range(0, len(images), cfg.batch_size)]
     seconds, _ = timed(lambda: [ocr.read(b) for b in batches])
     rows.append({"what": "ocr (rapidocr)", "mode": "direct", "images": len(images), "seconds": seconds,
@@ -89,16 +90,17 @@ def main(argv: list[str] | None = None) -> int:
         images = [Image.open(io.BytesIO(b)).convert("RGB") for s in shards
                   for b in read_shard_images(store, "bench", s).values()]
         rows += direct_per_expert(images, cfg, models)
-        seconds, _ = timed(lambda: [extract_shard(store.uri, "bench", s, cfg, models) for s in shards])
-        rows.append({"what": "whole stage (extract_shard)", "mode": "direct, 1 process", "images": len(images),
+        stage = ExtractStage(cfg, models)
+        seconds, _ = timed(lambda: [stage.run_shard(store.uri, "bench", s) for s in shards])
+        rows.append({"what": "whole stage (ExtractStage.run_shard)", "mode": "direct, 1 process", "images": len(images),
                      "seconds": seconds, "load_s": 0.0})
         for s in shards:  # force the flow to recompute
-            store.delete(f"bench/experts/shard-{s:05d}.stats.json")
-        from flows.extract import run_extract
+            store.delete(f"bench/extract/shard-{s:05d}.stats.json")
+        from flows.stage import run_stage
 
-        seconds, result = timed(lambda: run_extract("bench", store=store.uri, config=cfg, models_dir=models,
-                                                    workers=2))
-        shard_seconds = sum(store.get_json(f"bench/experts/shard-{s:05d}.stats.json")["seconds"] for s in shards)
+        spec = DatasetSpec(name="bench", store=store.uri, extract=cfg)
+        seconds, result = timed(lambda: run_stage("extract", spec, models_dir=models, workers=2))
+        shard_seconds = sum(store.get_json(f"bench/extract/shard-{s:05d}.stats.json")["seconds"] for s in shards)
         rows.append({"what": "whole stage (extract flow)", "mode": "flow, 2 workers, whole call",
                      "images": len(images), "seconds": seconds, "load_s": 0.0})
         rows.append({"what": "whole stage (extract flow)", "mode": "flow, sum of shard task seconds",

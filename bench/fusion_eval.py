@@ -31,9 +31,9 @@ PHOTOS = SHARED / "data" / "photos"
 from infra.loopback_server import ImageServer  # noqa: E402
 from infra.settings import DownloadConfig, ExtractConfig, FuseConfig, IngestConfig, InputSpec  # noqa: E402
 from infra.store import LocalStore  # noqa: E402
-from tasks.extract import extract_shard  # noqa: E402
-from tasks.fuse import fuse_shard  # noqa: E402
-from tasks.guards import mentioned_concepts  # noqa: E402
+from tasks.extract import ExtractStage  # noqa: E402
+from tasks.fuse import FuseStage  # noqa: E402
+from tasks.grounding import mentioned_concepts  # noqa: E402
 from tasks.ingest import ingest_shard, plan_ingest  # noqa: E402
 from tasks.shards import stage_key  # noqa: E402
 
@@ -57,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         icfg = IngestConfig(shard_size=10_000, download=DownloadConfig(allow_cidrs=("127.0.0.0/8",)))
         plan_ingest(store, "eval", [InputSpec(path=str(Path(tmp) / "u.parquet"))], icfg)
         ingest_shard(store.uri, "eval", 0, icfg)
-        extract_shard(store.uri, "eval", 0, ExtractConfig(), str(SHARED / "models"))
+        ExtractStage(ExtractConfig(), str(SHARED / "models")).run_shard(store.uri, "eval", 0)
         cfg = FuseConfig()
         started = time.time()
-        stats = fuse_shard(store.uri, "eval", 0, cfg)
+        stats = FuseStage(cfg).run_shard(store.uri, "eval", 0)
         seconds = time.time() - started
-        fused = store.get_parquet(stage_key("eval", "fused", 0, "parquet")).to_pylist()
-        files = store.get_parquet(stage_key("eval", "raw", 0, "parquet"), columns=["key", "file"]).to_pylist()
+        fused = store.get_parquet(stage_key("eval", "fuse", 0, "parquet")).to_pylist()
+        files = store.get_parquet(stage_key("eval", "ingest", 0, "parquet"), columns=["key", "file"]).to_pylist()
     file_of = {r["key"]: r["file"] for r in files}
 
     def measure(texts: dict[str, str | None]) -> dict:

@@ -55,7 +55,7 @@ def main() -> None:
     from infra.store import LocalStore
     from tasks.filters import apply_filters
     from tasks.ingest import dedup_dataset, ingest_shard, plan_ingest
-    from tasks.score import STAGE, score_shard
+    from tasks.score import ScoreStage
     from tasks.shards import stage_key
 
     captions = [json.loads(line) for line in (PHOTOS / "captions.jsonl").read_text().splitlines()]
@@ -87,10 +87,10 @@ def main() -> None:
             ingest_shard(store.uri, "coco", 0, cfg)
             dedup_dataset(store, "coco", cfg.phash_threshold)
         start = time.perf_counter()
-        stats = score_shard(store.uri, "coco", 0, ScoreConfig())
+        stats = ScoreStage(ScoreConfig()).run_shard(store.uri, "coco", 0)
         results["score_shard_seconds"] = round(time.perf_counter() - start, 2)
-        raw = store.get_parquet(stage_key("coco", "raw", 0, "parquet"))
-        scores = store.get_parquet(stage_key("coco", STAGE, 0, "parquet"),
+        raw = store.get_parquet(stage_key("coco", "ingest", 0, "parquet"))
+        scores = store.get_parquet(stage_key("coco", "score", 0, "parquet"),
                                    columns=["key", "nsfw", "lang_alt", "lang_alt_prob"])
         joined = raw.join(scores, "key")
         filters = {"datacomp_basic": True, "min_size": 200, "max_aspect": 3.0, "languages": ["en"], "nsfw_max": 0.5}

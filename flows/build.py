@@ -37,13 +37,14 @@ def selected_stages(spec: DatasetSpec, stages: list[str] | None) -> tuple[str, .
 
 
 def build_stages(spec: DatasetSpec, chosen: tuple[str, ...]) -> list:
-    """The chosen stages configured by the spec; every shard stage is planned here, so a model that cannot be
-    provided fails before anything starts."""
+    """The chosen stages configured by the spec; every shard stage is planned (and its model servers asked for
+    one answer) here, so a model that cannot be provided fails before anything starts."""
     models_dir = str(Path(Settings().models_dir).resolve())
     stages = [make_stage(name, spec, models_dir) for name in chosen]
     for stage in stages:
         if isinstance(stage, ShardStage):
             stage.plan()
+            stage.check_backends()
     return stages
 
 

@@ -29,6 +29,10 @@ Profile = Annotated[str | None, typer.Option(help="cpu|gpu: the default backend 
 DaskAddress = Annotated[str | None, typer.Option(help="attach to this Dask scheduler [a new LocalCluster]")]
 Workers = Annotated[int | None, typer.Option(help="LocalCluster worker processes [cores]")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="also write the summary as JSON here")]
+ClipModel = Annotated[str | None, typer.Option(help="open_clip architecture [ViT-B-32]")]
+ClipPretrained = Annotated[str | None, typer.Option(help="open_clip tag or local checkpoint file [laion2b_s34b_b79k]")]
+Endpoint = Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (vLLM, llama.cpp server)")]
+ServedModel = Annotated[str | None, typer.Option(help="model: a local file or folder, or a served model name")]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -182,11 +186,9 @@ def extract(
     detector_model: Annotated[str | None, typer.Option(help="model file under the models folder, or a path")] = None,
     detector_threshold: Annotated[float | None, typer.Option(help="detection score threshold [0.3]")] = None,
     clip_backend: Annotated[str | None, typer.Option(help="open_clip: CLIP tags in attributes")] = None,
-    clip_model: Annotated[str | None, typer.Option(help="open_clip architecture [ViT-B-32]")] = None,
-    clip_pretrained: Annotated[str | None, typer.Option(help="open_clip tag or local checkpoint file")] = None,
+    clip_model: ClipModel = None, clip_pretrained: ClipPretrained = None,
     captioner_backend: Annotated[str | None, typer.Option(help="openai|transformers")] = None,
-    captioner_endpoint: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (vLLM)")] = None,
-    captioner_model: Annotated[str | None, typer.Option(help="served model name or local model folder")] = None,
+    captioner_endpoint: Endpoint = None, captioner_model: ServedModel = None,
     dask_address: DaskAddress = None, workers: Workers = None, json_out: JsonOut = None,
 ) -> None:
     """Run vision experts (OCR, objects + attributes, CLIP tags, a synthetic caption) over ingested shards."""
@@ -209,8 +211,7 @@ def fuse(
     mode: Annotated[str | None, typer.Option(help="experts|capsfusion|rank-and-fuse [experts]")] = None,
     profile: Profile = None,
     backend: Annotated[str | None, typer.Option(help="llamacpp|openai|vllm")] = None,
-    model: Annotated[str | None, typer.Option(help="GGUF file, served model name, or vLLM model id")] = None,
-    endpoint: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (vLLM, llama.cpp server)")] = None,
+    model: ServedModel = None, endpoint: Endpoint = None,
     prompt_version: Annotated[str | None, typer.Option(help="prompt template version [v1]")] = None,
     outputs: Annotated[str | None, typer.Option(help="comma list of short,dense [short,dense]")] = None,
     max_unsupported: Annotated[int | None, typer.Option(help="objects a caption may assert unsupported [0]")] = None,
@@ -239,8 +240,7 @@ def translate(
     seed: Annotated[int | None, typer.Option(help="seed of the per-sample language draw [0]")] = None,
     profile: Profile = None,
     backend: Annotated[str | None, typer.Option(help="bergamot|ctranslate2|openai")] = None,
-    model: Annotated[str | None, typer.Option(help="CTranslate2 model folder, or served model name")] = None,
-    endpoint: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (vLLM, llama.cpp server)")] = None,
+    model: ServedModel = None, endpoint: Endpoint = None,
     models_dir: ModelsDir = None,
     round_trip: Annotated[bool | None, typer.Option("--round-trip/--no-round-trip",
                                                     help="QE by back translation + chrF")] = None,
@@ -273,9 +273,7 @@ def score(
     dataset: Dataset = None, spec: Spec = None, store: Store = None,
     profile: Profile = None, models_dir: ModelsDir = None,
     clip_backend: Annotated[str | None, typer.Option(help="open_clip: turn CLIP scores on")] = None,
-    clip_model: Annotated[str | None, typer.Option(help="open_clip architecture [ViT-B-32]")] = None,
-    clip_pretrained: Annotated[str | None, typer.Option(help="open_clip tag or local checkpoint file "
-                                                             "[laion2b_s34b_b79k]")] = None,
+    clip_model: ClipModel = None, clip_pretrained: ClipPretrained = None,
     multilingual: Annotated[bool | None, typer.Option("--multilingual/--no-multilingual",
                                                       help="the CLIP model is multilingual: score translations")]
     = None,

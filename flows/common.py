@@ -7,11 +7,12 @@ from tqdm import tqdm
 
 
 def gather_shards(futures: dict[PrefectFuture, int], samples: dict[int, int], desc: str, progress: bool,
-                  logger) -> tuple[list[dict], list[int]]:
+                  logger) -> tuple[list[dict], dict[int, str]]:
     """Wait for shard tasks as they finish, with a progress bar in samples. A shard that failed (after its
-    retries) is logged and listed, and the others still finish. Returns (stats of finished shards, failed ids)."""
+    retries) is logged and listed, and the others still finish. Returns (stats of finished shards,
+    {failed shard: its error})."""
     finished: list[dict] = []
-    failed: list[int] = []
+    failed: dict[int, str] = {}
     ok = errors = 0
     with tqdm(total=sum(samples[s] for s in futures.values()), unit="img", desc=desc, disable=not progress) as bar:
         for future in as_completed(list(futures)):
@@ -20,7 +21,7 @@ def gather_shards(futures: dict[PrefectFuture, int], samples: dict[int, int], de
                 stats = future.result()
             except Exception as e:
                 logger.error("shard %05d failed: %s", shard, e)
-                failed.append(shard)
+                failed[shard] = f"{type(e).__name__}: {e}"
                 continue
             finished.append(stats)
             ok += stats["counts"].get("ok", 0)
@@ -28,3 +29,9 @@ def gather_shards(futures: dict[PrefectFuture, int], samples: dict[int, int], de
             bar.update(samples[shard])
             bar.set_postfix(ok=ok, failed=errors)
     return finished, failed
+
+
+def failure_message(failed: dict[int, str], what: str = "shard") -> str:
+    first = min(failed)
+    return (f"{len(failed)} {what}(s) failed: {sorted(failed)} (first, {first:05d}: {failed[first]}); re-run the "
+            "same command to resume them")

@@ -21,12 +21,13 @@ import dask
 from prefect import Flow, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import gather_shards
+from flows.common import failure_message, gather_shards
+from infra.models import ModelUnavailable
 from infra.runtime import flow_runtime
 from infra.settings import DatasetSpec, Settings
 from infra.stages import migrate_layout, stage_class
 from infra.store import open_store
-from tasks.stage import ShardStage, StageError, merge_totals
+from tasks.stage import BackendError, ShardStage, StageError, merge_totals
 
 log = logging.getLogger("capfactory")
 
@@ -50,14 +51,29 @@ def make_stage(name: str, spec: DatasetSpec, models_dir: str | None = None, **op
     return cls.from_spec(spec, models_dir, **options)
 
 
+def worth_retrying(task, task_run, state) -> bool:
+    """A failed shard task is retried unless trying again cannot help: a user error, a model that cannot be
+    loaded, or a backend that refused (401, a bad request) rather than went away."""
+    try:
+        state.result()
+    except BackendError as e:
+        return e.transient
+    except (StageError, ModelUnavailable):
+        return False
+    except Exception:
+        return True
+    return True
+
+
 @cache
 def _shard_task(name: str, retries: int):
-    @task(name=f"{name}-shard", task_run_name=f"{name}-shard-{{shard:05d}}", persist_result=False, retries=retries,
-          retry_delay_seconds=2)
     def shard_task(stage: ShardStage, store_uri: str, dataset: str, shard: int) -> dict:
         return stage.run_shard(store_uri, dataset, shard)
 
-    return shard_task
+    # The function's name is the tasks' key prefix in the Dask dashboard and task stream: one per stage.
+    shard_task.__name__ = shard_task.__qualname__ = f"{name}_shard_task"
+    return task(name=f"{name}-shard", task_run_name=f"{name}-shard-{{shard:05d}}", persist_result=False,
+                retries=retries, retry_delay_seconds=2, retry_condition_fn=worth_retrying)(shard_task)
 
 
 @task(persist_result=False)
@@ -117,12 +133,12 @@ def _run_shard_stage(stage: ShardStage, dataset: str, store: str | None, progres
               "backends": plan.backends, "shards_run": [s["shard"] for s in finished], "shards_failed": sorted(failed),
               "shards_already_done": done, "shards_waiting": waiting, **prepared, **merge_totals(finished)}
     result.update(finish_task.with_options(name=f"finish-{stage.name}")(stage, store_uri, dataset, finished, done,
-                                                                        failed))
+                                                                        sorted(failed)))
     create_markdown_artifact("\n".join([f"# {stage.name} of `{dataset}`", header_line(stage.name, result).strip(),
                                         "", *stage.summary(result)]),
                              key=f"{stage.name}-summary", description=f"{stage.name} of {dataset}")
     if failed:
-        raise RuntimeError(f"{len(failed)} shard(s) failed: {sorted(failed)}; re-run the same command to resume them")
+        raise RuntimeError(failure_message(failed))
     return result
 
 
@@ -164,10 +180,13 @@ def run_stage(name: str, spec: DatasetSpec, *, models_dir: str | None = None, da
     """`capfactory <stage>`: plan first (errors before anything starts), then the Prefect API and the Dask cluster,
     then the stage's flow on them."""
     stage = make_stage(name, spec, models_dir, **options)
+    gpu = needs_gpu([stage])  # plans the stage: a model that cannot be provided fails here
     settings = Settings()
     store = spec.store or settings.store
-    if isinstance(stage, ShardStage) and not stage.has_prepare:
-        stage.preflight(open_dataset(store, spec.name), spec.name)  # a dataset it cannot run on fails here
-    with flow_runtime(dask_address or settings.dask_address, workers or settings.dask_workers,
-                      gpu=needs_gpu([stage]), warm=stage.warm) as runner:
+    if isinstance(stage, ShardStage):
+        if not stage.has_prepare:
+            stage.preflight(open_dataset(store, spec.name), spec.name)  # a dataset it cannot run on fails here
+        stage.check_backends()  # so does a model server that is down, hangs or refuses
+    with flow_runtime(dask_address or settings.dask_address, workers or settings.dask_workers, gpu=gpu,
+                      warm=stage.warm) as runner:
         return run_in_flow(stage, spec, store, runner, progress)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -52,7 +51,21 @@ def load_project(prefect_file: Path = PREFECT_FILE) -> tuple[list[dict[str, Any]
     for i, d in enumerate(deployments):
         if not (isinstance(d, dict) and d.get("name") and d.get("entrypoint")):
             raise DeployError(f"{prefect_file}: deployments[{i}] needs a `name` and an `entrypoint`")
+    _check_stage_deployments(prefect_file, deployments)
     return deployments, list(data.get("pull") or [])
+
+
+def _check_stage_deployments(prefect_file: Path, deployments: list[dict[str, Any]]) -> None:
+    """The stage deployments are the stage registry's: one per stage, named as it, running just that stage."""
+    from infra.stages import ORDER
+
+    staged = {d["name"]: (d.get("parameters") or {}).get("stages") for d in deployments
+              if (d.get("parameters") or {}).get("stages")}
+    wrong = [f"{name} (stages: {stages})" for name, stages in staged.items() if stages != [name]]
+    missing = [name for name in ORDER if name not in staged]
+    if wrong or missing:
+        raise DeployError(f"{prefect_file}: a stage deployment must be named as its stage and run only it "
+                          f"(infra/stages.py); wrong: {', '.join(wrong) or '-'}; missing: {', '.join(missing) or '-'}")
 
 
 def spec_parameter(spec: str | Path, project_dir: Path = PROJECT_DIR) -> str:
@@ -159,12 +172,6 @@ class LocalStack:
     server: subprocess.Popen
     worker: subprocess.Popen
     deployments: dict[str, UUID]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _prefect(*args: str) -> list[str]:

@@ -55,7 +55,11 @@ class ModelUnavailable(RuntimeError):
 
     def __init__(self, role: str, backend: str, how: str):
         super().__init__(f"{role} backend {backend!r} is unavailable: {how}")
-        self.role, self.backend = role, backend
+        self.role, self.backend, self.how = role, backend, how
+
+    def __reduce__(self):
+        # It crosses process boundaries (a Dask worker's task -> the flow): pickle it with its own arguments.
+        return type(self), (self.role, self.backend, self.how)
 
 
 # ---- the data each role returns (plain dataclasses; stored as Parquet structs) ------------------------------

@@ -7,7 +7,7 @@ import ipaddress
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -42,6 +42,22 @@ class Settings(BaseSettings):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Fields (a pydantic `exclude` spec) that do not change a stage's output: performance knobs, and settings read
+    # by a later stage. Everything else is in the config hash that done markers carry.
+    NOT_HASHED: ClassVar[set | dict] = set()
+    # Fields (dotted paths) that say where a service lives, not what it computes: hashed as if unset, so the same
+    # model behind another spelling of its address (localhost / 127.0.0.1, a moved server) recomputes nothing.
+    LOCATION: ClassVar[tuple[str, ...]] = ()
+
+    def config_hash(self) -> str:
+        data = self.model_dump(mode="json", exclude=self.NOT_HASHED)
+        for dotted in self.LOCATION:
+            *parents, leaf = dotted.split(".")
+            node = data
+            for p in parents:
+                node = node[p]
+            node[leaf] = None
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class DownloadConfig(_Strict):
@@ -102,7 +118,8 @@ class IngestConfig(_Strict):
     download: DownloadConfig = DownloadConfig()
 
     def config_hash(self) -> str:
-        """Hash of the fields that change a shard's content (not the performance knobs)."""
+        """Hash of the fields that change a shard's content (not the performance knobs); its own selection, which
+        existing datasets' markers carry."""
         d = self.download
         relevant = {
             "images": self.images.model_dump(mode="json"),
@@ -171,11 +188,8 @@ class ExtractConfig(_Strict):
     attributes: AttributesConfig = AttributesConfig()
     captioner: CaptionerConfig = CaptionerConfig()
 
-    def config_hash(self) -> str:
-        """Everything here changes the output except the batch size and the captioner's concurrency/timeout."""
-        data = self.model_dump(mode="json", exclude={"batch_size": True,
-                                                    "captioner": {"concurrency": True, "timeout": True}})
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    NOT_HASHED: ClassVar[dict] = {"batch_size": True, "captioner": {"concurrency": True, "timeout": True}}
+    LOCATION: ClassVar[tuple[str, ...]] = ("captioner.endpoint",)
 
 
 class FuseConfig(_Strict):
@@ -203,9 +217,8 @@ class FuseConfig(_Strict):
     concurrency: int = Field(default=16, ge=1, le=4096)
     timeout: float = Field(default=120.0, gt=0)
 
-    def config_hash(self) -> str:
-        data = self.model_dump(mode="json", exclude={"batch_size", "concurrency", "timeout"})
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    NOT_HASHED: ClassVar[set] = {"batch_size", "concurrency", "timeout"}
+    LOCATION: ClassVar[tuple[str, ...]] = ("endpoint",)
 
 
 class TranslateConfig(_Strict):
@@ -260,10 +273,8 @@ class TranslateConfig(_Strict):
             raise ValueError("weights must be >= 0 with at least one > 0")
         return {canonical_language(k): float(w) for k, w in sorted(value.items())}
 
-    def config_hash(self) -> str:
-        """What changes translated/: not the performance knobs, nor drop_failed (read by publish)."""
-        data = self.model_dump(mode="json", exclude={"batch_size", "concurrency", "timeout", "drop_failed"})
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    NOT_HASHED: ClassVar[set] = {"batch_size", "concurrency", "timeout", "drop_failed"}  # drop_failed: publish's
+    LOCATION: ClassVar[tuple[str, ...]] = ("endpoint",)
 
 
 class ScoreConfig(_Strict):
@@ -315,10 +326,7 @@ class ScoreConfig(_Strict):
     filters: Filters = Filters()
     batch_size: int = Field(default=32, ge=1, le=4096, description="images per model call")
 
-    def config_hash(self) -> str:
-        """What changes the score shards: not the filters or semdedup (dataset-wide, after) or the batch size."""
-        data = self.model_dump(mode="json", exclude={"filters", "semdedup", "batch_size"})
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    NOT_HASHED: ClassVar[set] = {"filters", "semdedup", "batch_size"}  # filters and semdedup: dataset-wide, after
 
 
 class ValidateConfig(_Strict):
@@ -346,9 +354,7 @@ class ValidateConfig(_Strict):
         # Suites were named after the old stage folders (raw, experts, fused, translated, scores).
         return None if value is None else [LEGACY_FOLDERS.get(v, v) for v in value]
 
-    def config_hash(self) -> str:
-        data = self.model_dump(mode="json", exclude={"data_docs"})
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    NOT_HASHED: ClassVar[set] = {"data_docs"}
 
 
 class PublishConfig(_Strict):
@@ -362,9 +368,6 @@ class PublishConfig(_Strict):
                          description="dataset-card license id (the images keep their owners' rights)")
     description: str | None = Field(default=None, description="dataset-card summary paragraph")
     gallery_size: int = Field(default=24, ge=0, le=500, description="report: sample thumbnails shown")
-
-    def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 StageName = Literal[ORDER]

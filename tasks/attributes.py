@@ -231,7 +231,7 @@ class OpenClipScorer:
         except Exception as e:  # download, checkpoint and config errors come in many types
             how = (
                 f"cannot load open_clip model {model!r} with weights {source} ({type(e).__name__}: {e}); "
-                "give experts.clip.pretrained as a local checkpoint file, or run where the Hugging Face hub is "
+                "give extract.clip.pretrained as a local checkpoint file, or run where the Hugging Face hub is "
                 "reachable (or its cache already holds the weights)"
             )
             if offline:
@@ -264,7 +264,7 @@ class OpenClipScorer:
                     self.role,
                     self.backend,
                     f"weights {pretrained!r} of {model} download from a URL, and HF_HUB_OFFLINE is set; "
-                    "download the checkpoint elsewhere and give its path as experts.clip.pretrained",
+                    "download the checkpoint elsewhere and give its path as extract.clip.pretrained",
                 )
             return pretrained, pretrained
         raise ModelUnavailable(

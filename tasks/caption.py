@@ -43,7 +43,9 @@ from infra.models import ModelUnavailable
 from tasks.lib.openai_http import (
     MAX_RETRY_AFTER,
     AttemptError,
+    CircuitBreaker,
     chat_session,
+    check_server,
     json_headers,
     message_text,
     post_chat,
@@ -66,7 +68,10 @@ class CaptionError(RuntimeError):
         super().__init__(
             f"{len(errors)} of {total} images could not be captioned (first: image {first[0]}: {first[1]})"
         )
-        self.errors = errors
+        self.errors, self.total = errors, total
+
+    def __reduce__(self):  # picklable across the task boundary
+        return type(self), (self.errors, self.total)
 
 
 def _outcome(text: str) -> CaptionOutcome:
@@ -144,10 +149,10 @@ class OpenAICaptioner:
             raise ModelUnavailable(
                 "captioner",
                 "openai",
-                "set experts.captioner.endpoint (e.g. http://vllm:8000/v1) and "
-                "experts.captioner.model; no captioning model runs offline on CPU here",
+                "set extract.captioner.endpoint (e.g. http://vllm:8000/v1) and "
+                "extract.captioner.model; no captioning model runs offline on CPU here",
             )
-        self.endpoint, host = server_address(endpoint, "captioner", "openai", "experts.captioner.endpoint")
+        self.endpoint = server_address(endpoint, "captioner", "openai", "extract.captioner.endpoint")
         if concurrency < 1 or max_tokens < 1 or timeout <= 0 or retries < 0:
             raise ValueError("concurrency and max_tokens must be >= 1, timeout > 0, retries >= 0")
         self.url = self.endpoint + "/chat/completions"
@@ -162,7 +167,7 @@ class OpenAICaptioner:
         self.max_retry_after = max_retry_after
         self.max_side = max_side
         self.quality = quality
-        self.model_id = f"openai:{model}@{host}"
+        self.model_id = f"openai:{model}"  # the model, not where it is served
         self._headers = json_headers(API_KEY_ENV)
 
     # -- public API --
@@ -197,13 +202,19 @@ class OpenAICaptioner:
             "temperature": 0,
         }
 
+    def health_check(self) -> None:
+        """Fail now (ModelUnavailable, saying what to do) if the server is down, hangs or refuses."""
+        check_server(self.endpoint, self.model, self._headers, role="captioner", api_key_env=API_KEY_ENV,
+                     timeout=min(self.timeout, 30.0))
+
     async def _caption_all(self, images: list[Image.Image]) -> list[CaptionOutcome]:
         sem = asyncio.Semaphore(self.concurrency)
+        breaker = CircuitBreaker()
         async with chat_session(self.concurrency, self.timeout, self._headers) as session:
-            return list(await asyncio.gather(*(self._caption_one(session, sem, img) for img in images)))
+            return list(await asyncio.gather(*(self._caption_one(session, sem, img, breaker) for img in images)))
 
     async def _caption_one(
-        self, session: aiohttp.ClientSession, sem: asyncio.Semaphore, img: Image.Image
+        self, session: aiohttp.ClientSession, sem: asyncio.Semaphore, img: Image.Image, breaker: CircuitBreaker
     ) -> CaptionOutcome:
         async with sem:  # encoding inside the bound keeps at most `concurrency` encoded images in memory
             try:
@@ -214,7 +225,7 @@ class OpenAICaptioner:
             del data_url
             caption, error, _ = await with_retries(
                 lambda: self._post(session, body), retries=self.retries, backoff=self.backoff,
-                max_backoff=self.max_backoff, max_retry_after=self.max_retry_after)
+                max_backoff=self.max_backoff, max_retry_after=self.max_retry_after, breaker=breaker)
             return caption, error
 
     async def _post(self, session: aiohttp.ClientSession, body: bytes) -> str:
@@ -226,7 +237,7 @@ class OpenAICaptioner:
 
 # ---- the local transformers (BLIP/GIT) backend ---------------------------------------------------------------
 
-_TRANSFORMERS_HOW = "pip install 'capfactory[gpu]' and set experts.captioner.model to a local model folder (BLIP/GIT)"
+_TRANSFORMERS_HOW = "pip install 'capfactory[gpu]' and set extract.captioner.model to a local model folder (BLIP/GIT)"
 # Tried in order: the current auto class (BLIP, GIT and VLMs are image-text-to-text models), the deprecated one
 # older transformers releases have, then causal LM (GIT in some releases).
 _AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM")
@@ -257,7 +268,7 @@ class TransformersCaptioner:
             raise ModelUnavailable(
                 "captioner",
                 "transformers",
-                "experts.captioner.model is not set; " + _TRANSFORMERS_HOW + "; hub ids are not downloaded at run time",
+                "extract.captioner.model is not set; " + _TRANSFORMERS_HOW + "; hub ids are not downloaded at run time",
             )
         path = Path(model).expanduser()
         if not path.is_dir():

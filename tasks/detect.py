@@ -245,7 +245,7 @@ class YoloxOnnxDetector:
                 self.role,
                 self.backend,
                 f"no model file at {path}; put yolox_nano.onnx under the models folder (CAPFACTORY_MODELS_DIR) "
-                "or set experts.detector.model",
+                "or set extract.detector.model",
             )
         try:
             import onnxruntime as ort
@@ -362,7 +362,7 @@ class Owlv2Detector:
                 self.role,
                 self.backend,
                 f"{e.name or 'transformers'} is not installed; pip install 'capfactory[gpu]' (transformers, torch); "
-                f"the weights ({model}) come from the Hugging Face hub or a local folder (experts.detector.model)",
+                f"the weights ({model}) come from the Hugging Face hub or a local folder (extract.detector.model)",
             ) from None
         self.vocabulary = tuple(vocabulary) or COCO80_LABELS
         self.queries = [prompt.format(label=v) for v in self.vocabulary]
@@ -377,7 +377,7 @@ class Owlv2Detector:
                 self.role,
                 self.backend,
                 f"cannot load {model!r} ({e}); give a hub id reachable from this machine, or a local folder "
-                "with the processor and model files (save_pretrained) in experts.detector.model",
+                "with the processor and model files (save_pretrained) in extract.detector.model",
             ) from None
         self._torch = torch
         self.score_threshold = float(score_threshold)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from infra.models import ModelUnavailable, load_backend, needs_gpu
+from infra.models import ModelUnavailable, backend_class, load_backend, needs_gpu
 from infra.settings import ExtractConfig
 from tasks.experts import Choice, Expert, experts_schema, published_columns, selected
 from tasks.shards import RAW, read_marker
@@ -44,6 +44,9 @@ def plan_experts(cfg: ExtractConfig, models_dir: str) -> ExpertPlan:
     for expert in experts:
         roles.update({role: choice for role, choice in expert.plan(cfg, models_dir).items() if choice})
     return ExpertPlan(tuple(experts), roles)
+
+
+CAPTIONER_ERROR = "captioner:"  # a captioner call that failed: the server's failure, not the image's
 
 
 def _empty_row(key: str, status: str, error: str | None) -> dict:
@@ -110,6 +113,11 @@ class ExtractStage(ShardStage):
         return StagePlan({role: name for role, (name, _) in plan.roles.items()},
                          needs_gpu(self.config.profile, [name for name, _ in plan.roles.values()]), plan)
 
+    def check_backends(self) -> None:
+        captioner = plan_experts(self.config, self.models_dir).roles.get("captioner")
+        if captioner and captioner[0] == "openai":
+            backend_class("captioner", "openai")(**captioner[1]).health_check()
+
     def process(self, ctx: ShardContext) -> ShardOutput:
         cfg = self.config
         raw = ctx.read(RAW, ["key", "status"])
@@ -144,7 +152,7 @@ class ExtractStage(ShardStage):
             "with_text": sum(1 for r in ordered if r.get("ocr_text")),
             "objects": sum(len(r.get("objects") or []) for r in ordered),
             "provenance": runner.provenance,
-        })
+        }, [r["error"] for r in ordered if (r["error"] or "").startswith(CAPTIONER_ERROR)])
 
     def input_markers(self, store, dataset: str, shard: int) -> set[str]:
         # Markers written before every stage shared upstream_fingerprint recorded the raw marker unwrapped.

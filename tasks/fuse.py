@@ -22,11 +22,12 @@ from pathlib import Path
 import pyarrow as pa
 import yaml
 
-from infra.models import PROFILES, ModelUnavailable, backend_class, load_backend, needs_gpu
+from infra.models import PROFILES, backend_class, load_backend, needs_gpu
 from infra.settings import FuseConfig
 from tasks.guards import check_caption, find_injection, injection_payloads
+from tasks.lib.openai_http import server_options
 from tasks.shards import RAW
-from tasks.stage import ShardContext, ShardOutput, ShardStage, StagePlan, counts_line, is_transient
+from tasks.stage import ShardContext, ShardOutput, ShardStage, StagePlan, counts_line
 
 EXTRACT = "extract"
 PROMPTS = Path(__file__).with_name("prompts")
@@ -154,11 +155,7 @@ def plan_llm(cfg: FuseConfig) -> LLMChoice:
     if name == "llamacpp":
         options = {"model_path": cfg.model, "n_ctx": cfg.n_ctx, "seed": cfg.seed}
     elif name == "openai":
-        if not (cfg.endpoint and cfg.model):
-            raise ModelUnavailable("llm", name, "set fuse.endpoint (an OpenAI-compatible server such as `vllm "
-                                   "serve` or llama.cpp's server) and fuse.model")
-        options = {"endpoint": cfg.endpoint, "model": cfg.model, "concurrency": cfg.concurrency,
-                   "timeout": cfg.timeout}
+        options = server_options("llm", "fuse", cfg)
     else:
         options = {"model": cfg.model, "seed": cfg.seed}
     if cfg.mode == "rank-and-fuse":
@@ -205,6 +202,11 @@ class FuseStage(ShardStage):
         return StagePlan({"llm": f"{choice.name} {model}".strip()}, needs_gpu(self.config.profile, [choice.name]),
                          choice)
 
+    def check_backends(self) -> None:
+        choice = plan_llm(self.config)
+        if choice.name == "openai":
+            backend_class("llm", choice.name)(**choice.options).health_check()
+
     def process(self, ctx: ShardContext) -> ShardOutput:
         cfg = self.config
         choice = plan_llm(cfg)
@@ -234,7 +236,7 @@ class FuseStage(ShardStage):
             "injections_found": sum(1 for r in rows if r["input_injection"]),
             "provenance": {"llm": llm.model_id, "prompt_hash": prompt_hash(cfg.prompt_version, cfg.mode)},
         }
-        return ShardOutput(rows, stats, [e for _, e in answers.values() if is_transient(e)])
+        return ShardOutput(rows, stats, [e for _, e in answers.values() if e])
 
     def summary(self, result: dict) -> list[str]:
         return [counts_line("status", result.get("counts", {})),

@@ -18,8 +18,8 @@ model stopped at once), which is a result, not an error: the stage decides what 
   vLLM's continuous batching sees thousands of prompts at once). CUDA only; not installed or run on the CPU
   machines this project is built on, so only its ModelUnavailable path is tested here.
 
-`LlamaCppServer` runs llama.cpp's own OpenAI-compatible server (`python -m llama_cpp.server`, the `llm` extra) as a
-child process on loopback, so the openai backend can be used (and tested) against a real server on a CPU machine.
+`tasks/llm_server.py` runs llama.cpp's own OpenAI-compatible server as a child process on loopback, so the openai
+backend can be used (and tested) against a real server on a CPU machine.
 
 Every backend keeps running totals in `usage` (requests, failures, retries, prompt/completion tokens as the engine
 or server reports them) for benchmarks and stage statistics.
@@ -28,20 +28,11 @@ or server reports them) for benchmarks and stage statistics.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import importlib
 import importlib.util
 import json
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +42,9 @@ import aiohttp
 from infra.models import Completion, Messages, ModelUnavailable
 from tasks.lib.openai_http import (
     MAX_RETRY_AFTER,
+    CircuitBreaker,
     chat_session,
+    check_server,
     json_headers,
     message_text,
     post_chat,
@@ -253,7 +246,7 @@ class OpenAILLM(_Backend):
                 "set fuse.endpoint (e.g. http://vllm:8000/v1) and fuse.model (the served model name), "
                 "or use the llamacpp backend",
             )
-        self.endpoint, host = server_address(endpoint, "llm", "openai", "fuse.endpoint")
+        self.endpoint = server_address(endpoint, "llm", "openai", "fuse.endpoint")
         if concurrency < 1 or timeout <= 0 or retries < 0 or backoff < 0:
             raise ValueError("concurrency must be >= 1, timeout > 0, retries >= 0, backoff >= 0")
         self.url = self.endpoint + "/chat/completions"
@@ -266,7 +259,7 @@ class OpenAILLM(_Backend):
         self.max_backoff = max_backoff
         self.max_retry_after = max_retry_after
         self.extra_body = dict(extra_body or {})
-        self.model_id = f"openai:{model}@{host}"
+        self.model_id = f"openai:{model}"  # the model, not where it is served: caches survive a moved server
         self._headers = json_headers(API_KEY_ENV)
         self._init_usage()
 
@@ -292,18 +285,25 @@ class OpenAILLM(_Backend):
         bodies = [json.dumps(self.request_body(m, max_tokens, temperature, stop)).encode() for m in conversations]
         return run_sync(self._generate_all(bodies))
 
+    def health_check(self, role: str = "llm") -> None:
+        """Fail now (ModelUnavailable, saying what to do) if the server is down, hangs or refuses."""
+        check_server(self.endpoint, self.model, self._headers, role=role, api_key_env=API_KEY_ENV,
+                     timeout=min(self.timeout, 30.0))
+
     async def _generate_all(self, bodies: list[bytes]) -> list[Completion]:
         sem = asyncio.Semaphore(self.concurrency)
+        breaker = CircuitBreaker()
         async with chat_session(self.concurrency, self.timeout, self._headers) as session:
-            return list(await asyncio.gather(*(self._generate_one(session, sem, body) for body in bodies)))
+            return list(await asyncio.gather(*(self._generate_one(session, sem, body, breaker) for body in bodies)))
 
-    async def _generate_one(self, session: aiohttp.ClientSession, sem: asyncio.Semaphore, body: bytes) -> Completion:
+    async def _generate_one(self, session: aiohttp.ClientSession, sem: asyncio.Semaphore, body: bytes,
+                            breaker: CircuitBreaker) -> Completion:
         async with sem:
             result, error, attempts = await with_retries(
                 lambda: self._post(session, body), retries=self.retries, backoff=self.backoff,
-                max_backoff=self.max_backoff, max_retry_after=self.max_retry_after)
+                max_backoff=self.max_backoff, max_retry_after=self.max_retry_after, breaker=breaker)
             if error is not None:
-                self._count(ok=False, retries=attempts - 1)
+                self._count(ok=False, retries=max(attempts - 1, 0))
                 return Completion(None, error)
             text, usage = result
             self._count(retries=attempts - 1, usage=usage)
@@ -315,98 +315,6 @@ class OpenAILLM(_Backend):
 
 
 # ---- llama.cpp's OpenAI-compatible server as a child process ---------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class LlamaCppServer:
-    """`python -m llama_cpp.server` serving one GGUF on `host:port` (default: loopback, a free port chosen once, so
-    a restart after `kill()` comes back on the same address).
-
-    `start()` returns the base URL (`.../v1`) once `GET /v1/models` gets an HTTP answer (the app is built after the
-    model is loaded); `kill()` is SIGKILL (a crash), `stop()` SIGTERM then SIGKILL. The server answers one request
-    at a time (it holds a lock around its `Llama`); its log goes to `log_path` (a temporary file by default). The
-    model is served under `alias`; llama.cpp's server answers requests for any model name with it. `extra_args` go
-    to the server's command line as they are (e.g. `["--api_key", key]`).
-    """
-
-    def __init__(
-        self,
-        model_path: str | Path | None = None,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        n_ctx: int = 2048,
-        n_threads: int = 1,
-        alias: str = "local-gguf",
-        extra_args: Sequence[str] = (),
-        python: str = sys.executable,
-        log_path: str | Path | None = None,
-        start_timeout: float = 60.0,
-    ):
-        self.model_path = Path(model_path) if model_path else smollm2_gguf()
-        self.host, self.port = host, port or free_port(host)
-        self.alias = alias
-        self.url = f"http://{host}:{self.port}/v1"
-        self.cmd = [
-            python, "-m", "llama_cpp.server", "--model", str(self.model_path), "--model_alias", alias,
-            "--host", host, "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads), *extra_args,
-        ]  # fmt: skip
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
-        self.start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
-
-    def start(self) -> str:
-        if self.proc is not None and self.proc.poll() is None:
-            raise RuntimeError("the server is already running")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama.cpp server exited (rc={self.proc.returncode}): {self.log_tail()}")
-            try:
-                with self._opener.open(self.url + "/models", timeout=2):
-                    return self.url
-            except urllib.error.HTTPError:  # e.g. 401 with --api_key: it answers, so the model is loaded
-                return self.url
-            except OSError:  # not listening yet
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"llama.cpp server not ready within {self.start_timeout}s: {self.log_tail()}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc is not None:
-            self.proc.wait()
-
-    def stop(self, grace: float = 5.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(grace)
-        self.kill()
-
-    def log_tail(self, n_chars: int = 2000) -> str:
-        try:
-            return self.log_path.read_bytes()[-n_chars:].decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def __enter__(self) -> LlamaCppServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # ---- vLLM's offline engine (GPU workers) ------------------------------------------------------------------------

@@ -200,8 +200,6 @@ def plan_publish(store_uri: str, dataset: str, spec: DatasetSpec) -> dict:
 def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, list) and value and isinstance(value[0], tuple) and len(value[0]) == 2:
-        return {k: _jsonable(v) for k, v in value}  # an Arrow map
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
@@ -209,9 +207,12 @@ def _jsonable(value):
     return value
 
 
-def sample_meta(row: dict) -> dict:
-    """KEY.json: every column of the sample (maps as objects, NaN as null)."""
-    return {k: _jsonable(v) for k, v in row.items()}
+def sample_meta(row: dict, maps: set[str]) -> dict:
+    """KEY.json: every column of the sample, NaN as null, and the `maps` columns (Arrow maps, which to_pylist gives
+    as lists of pairs) always as objects, an empty one too: a field keeps one JSON type across samples, which
+    readers that infer a schema (HF `datasets`' webdataset loader) need."""
+    return {k: ({mk: _jsonable(mv) for mk, mv in v} if k in maps and v is not None else _jsonable(v))
+            for k, v in row.items()}
 
 
 def chosen_caption(row: dict, field: str) -> str:
@@ -229,8 +230,9 @@ def publish_shard(store_uri: str, dataset: str, shard: int, plan_key: str, cfg: 
     """Write `published/shard-NNNNN.tar` with the samples the plan numbered into it, images from the raw tars."""
     started = time.time()
     store = open_store(store_uri)
-    rows = pq.read_table(pa.BufferReader(store.get_bytes(plan_key)), filters=[("published_shard", "=", shard)])
-    rows = rows.to_pylist()
+    table = pq.read_table(pa.BufferReader(store.get_bytes(plan_key)), filters=[("published_shard", "=", shard)])
+    maps = {f.name for f in table.schema if pa.types.is_map(f.type)}
+    rows = table.to_pylist()
     with tempfile.TemporaryDirectory(prefix="capfactory-") as tmp:
         images: dict[str, tuple] = {}
         for raw_shard in sorted({r["raw_shard"] for r in rows}):
@@ -243,7 +245,7 @@ def publish_shard(store_uri: str, dataset: str, shard: int, plan_key: str, cfg: 
         writer = TarWriter(Path(tmp))
         for r in rows:
             ext, data = images[r["key"]]
-            writer.add_sample(r["key"], ext, data, chosen_caption(r, cfg.caption_field), sample_meta(r))
+            writer.add_sample(r["key"], ext, data, chosen_caption(r, cfg.caption_field), sample_meta(r, maps))
         path = writer.finish()
         size = path.stat().st_size
         store.put_file(stage_key(dataset, STAGE, shard, "tar"), path)
@@ -281,9 +283,9 @@ def languages(table: pa.Table) -> list[str]:
 
 
 def stages_run(table: pa.Table) -> list[str]:
-    present = {"extract": "ocr_text", "fuse": "caption_short", "translate": "translations", "score": "nsfw",
-               "semdedup": "semdedup_duplicate_of"}
-    return ["ingest", *(s for s, col in present.items() if col in table.column_names)]
+    """The output stages whose columns the joined table carries (ingest always), and semdedup."""
+    ran = [name for name in OUTPUT_STAGES[1:] if set(stage_class(name)().published) & set(table.column_names)]
+    return [RAW, *ran, *([SEMDEDUP] if "semdedup_duplicate_of" in table.column_names else [])]
 
 
 def dataset_card(dataset: str, table: pa.Table, plan: dict, spec: DatasetSpec) -> str:

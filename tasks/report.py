@@ -134,7 +134,7 @@ def _languages_section(table: pa.Table) -> str:
 
 def _ocr_section(table: pa.Table) -> str:
     if "ocr_text" not in table.column_names:
-        return NOT_RUN.format("Experts (OCR)")
+        return NOT_RUN.format("Extract (OCR)")
     ok = [t for t, s in zip(_column(table, "ocr_text"), _column(table, "status"), strict=True) if s == "ok"]
     with_text = sum(1 for t in ok if t and t.strip())
     share = with_text / len(ok) if ok else 0.0

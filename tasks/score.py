@@ -28,7 +28,7 @@ from tasks.attributes import hub_offline
 from tasks.lib.langid import detect_with_prob
 from tasks.semdedup import semdedup_dataset
 from tasks.shards import RAW, read_marker
-from tasks.stage import ShardContext, ShardOutput, ShardStage, StagePlan, counts_line, take_by_key
+from tasks.stage import ShardContext, ShardOutput, ShardStage, StagePlan, counts_line
 
 EMBEDDINGS = "embeddings"
 FUSE, TRANSLATE = "fuse", "translate"
@@ -91,7 +91,7 @@ def check_clip_weights(clip: ClipConfig) -> None:
         repo = open_clip.get_pretrained_cfg(clip.model, clip.pretrained).get("hf_hub", "").rstrip("/")
         if not repo or not any(isinstance(try_to_load_from_cache(repo, f), str) for f in _HF_WEIGHT_FILES):
             raise ModelUnavailable("clip", "open_clip", f"weights {clip.pretrained!r} of {clip.model} are not in the "
-                                   "local Hugging Face cache and HF_HUB_OFFLINE is set; give quality.clip.pretrained "
+                                   "local Hugging Face cache and HF_HUB_OFFLINE is set; give score.clip.pretrained "
                                    "as a local checkpoint file (or --clip-pretrained PATH)")
 
 
@@ -108,7 +108,7 @@ class ScorePlan:
                 if choice else "off"
 
         return {"clip": name(self.clip) if self.clip else "off (no CLIP weights in the cpu profile; set "
-                "quality.clip.backend: open_clip and quality.clip.pretrained)",
+                "score.clip.backend: open_clip and score.clip.pretrained)",
                 "clip_translations": name(self.clip_translations), "nsfw": name(self.nsfw)}
 
 
@@ -215,6 +215,7 @@ class ScoreStage(ShardStage):
     description = "CLIP, NSFW and language scores, then semantic dedup; the filters are views applied at publish."
     schema = SCORES_SCHEMA
     reads = (RAW, FUSE, TRANSLATE)  # where they exist: a re-fused or re-translated shard is re-scored
+    published = tuple(n for n in SCORES_SCHEMA.names if n.startswith(("clip_", "nsfw", "lang_")))
     warm = ("tasks.score",)
 
     def plan(self) -> StagePlan:
@@ -269,9 +270,6 @@ class ScoreStage(ShardStage):
         shards = sorted([*done, *(x["shard"] for x in stats)])
         return {"semdedup": {"run": True, **semdedup_dataset(store, dataset, provenance["clip"], shards, s.clusters,
                                                               s.eps, s.seed, s.iterations)}}
-
-    def release_columns(self, keys: pa.Array, table: pa.Table, **options) -> dict[str, pa.Array]:
-        return take_by_key(keys, table, [c for c in table.column_names if c.startswith(("clip_", "nsfw", "lang_"))])
 
     def summary(self, result: dict) -> list[str]:
         return [counts_line("status", result.get("counts", {})),

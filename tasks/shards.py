@@ -73,12 +73,14 @@ def read_marker(store: ArtifactStore, dataset: str, stage: str, shard: int) -> d
         return None
 
 
-def write_marker(store: ArtifactStore, dataset: str, stage: str, shard: int, stats: dict) -> None:
-    """The done marker, written last. It records the Prefect flow run that made the shard (provenance)."""
+def write_marker(store: ArtifactStore, dataset: str, stage: str, shard: int, stats: dict) -> dict:
+    """The done marker, written last; returned as stored. It records the Prefect flow run that made the shard
+    (provenance)."""
     from prefect.runtime import flow_run
 
-    store.put_json(stage_key(dataset, stage, shard, "stats.json"),
-                   {**stats, "flow_run_id": flow_run.id, "finished_at": time.time()})
+    marker = {**stats, "flow_run_id": flow_run.id, "finished_at": time.time()}
+    store.put_json(stage_key(dataset, stage, shard, "stats.json"), marker)
+    return marker
 
 
 def upstream_fingerprint(store: ArtifactStore, dataset: str, shard: int, stages: tuple[str, ...]) -> str:

@@ -34,6 +34,18 @@ class StageError(RuntimeError):
     """A stage cannot run on a dataset as asked (never ingested, an input stage missing); says what to run."""
 
 
+class BackendError(RuntimeError):
+    """The stage's backend failed for some samples (not because of the samples): the shard keeps what it made and
+    is not marked done, so a re-run asks only for the rest. `transient`: worth retrying the task at once."""
+
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self):
+        return type(self), (str(self), self.transient)
+
+
 def is_transient(error: str | None) -> bool:
     return bool(error) and error.split(":", 1)[0].strip() in TRANSIENT_ERRORS
 
@@ -49,12 +61,13 @@ class StagePlan:
 
 @dataclass
 class ShardOutput:
-    """What `process()` returns: the rows of the stage's table, the stage's own stats, and the errors of the
-    backend that mean the shard must be retried (the table is kept, the marker is not written)."""
+    """What `process()` returns: the rows of the stage's table, the stage's own stats, and the backend's errors
+    (calls that failed because of the model or server, not the sample): with any, the table is kept and the marker
+    is not written."""
 
     rows: list[dict]
     stats: dict = field(default_factory=dict)
-    transient: list[str] = field(default_factory=list)
+    backend_errors: list[str] = field(default_factory=list)
 
 
 class ShardContext:
@@ -91,6 +104,14 @@ def take_by_key(keys: pa.Array, table: pa.Table, columns: list[str]) -> dict[str
 
     idx = pc.index_in(keys, value_set=table.column("key").combine_chunks())
     return {c: table.column(c).combine_chunks().take(idx) for c in columns}
+
+
+def backend_failure(stage: str, errors: list[str], samples: int) -> BackendError:
+    """One clear error for a shard whose backend failed: how many calls, of which kinds, the first message."""
+    kinds = Counter(e.split(":", 1)[0].strip() for e in errors)
+    return BackendError(f"{len(errors)} {stage} calls failed ({', '.join(f'{k}={v}' for k, v in kinds.items())}) in "
+                        f"a shard of {samples} samples, e.g. {errors[0]}; the shard is not marked done: what was made "
+                        "is kept, and a re-run asks only for the rest", transient=all(is_transient(e) for e in errors))
 
 
 def merge_totals(stats: list[dict]) -> dict:
@@ -175,6 +196,10 @@ class ShardStage(Stage):
     def process(self, ctx: ShardContext) -> ShardOutput:
         raise NotImplementedError
 
+    def check_backends(self) -> None:
+        """Ask each remote model server for one tiny answer (raise ModelUnavailable with what to do), once per run
+        before any shard; in-process models are checked by `plan()` and loaded by `process()`."""
+
     def upstream(self) -> tuple[str, ...]:
         """The stage outputs this config reads (some stages read more or less depending on their config)."""
         return self.reads
@@ -218,11 +243,15 @@ class ShardStage(Stage):
             if any(read_marker(store, dataset, s, shard) is None for s in required):
                 waiting.append(shard)
                 continue
-            marker = read_marker(store, dataset, self.name, shard)
-            fresh = (marker is not None and marker.get("config_hash") == self.config_hash
-                     and marker.get("input_marker") in self.input_markers(store, dataset, shard))
-            (done if fresh else todo).append(shard)
+            (done if self.is_current(store, dataset, shard) else todo).append(shard)
         return todo, done, waiting
+
+    def is_current(self, store: ArtifactStore, dataset: str, shard: int) -> dict | None:
+        """The shard's done marker when it carries this config and the current inputs, else None."""
+        marker = read_marker(store, dataset, self.name, shard)
+        fresh = (marker is not None and marker.get("config_hash") == self.config_hash
+                 and marker.get("input_marker") in self.input_markers(store, dataset, shard))
+        return marker if fresh else None
 
     def input_markers(self, store: ArtifactStore, dataset: str, shard: int) -> set[str]:
         """The input fingerprints that make a shard's marker current: the upstream markers as they are now."""
@@ -244,21 +273,20 @@ class ShardStage(Stage):
                                  f"`capfactory {stage}` first")
 
     def run_shard(self, store_uri: str, dataset: str, shard: int) -> dict:
-        """The shard task: guard, compute, write the table, then (unless the backend failed transiently) the done
-        marker with the stats. Returns the stats."""
+        """The shard task: guard, compute, write the table, then (unless the backend failed) the done marker with
+        the stats. Returns the stats; a shard already done (a task run again after its worker died) is not redone."""
         started = time.time()
         store = open_store(store_uri)
+        done = self.is_current(store, dataset, shard)
+        if done is not None:
+            return done
         self.guard(store, dataset, shard)
         out = self.process(ShardContext(store, dataset, shard))
         store.put_parquet(stage_key(dataset, self.name, shard, "parquet"), pa.Table.from_pylist(out.rows, self.schema))
-        if out.transient:
-            # The backend went away: what arrived is saved above without a done marker, so the retried shard only
-            # asks for what is missing.
-            raise RuntimeError(f"{len(out.transient)} {self.name} calls failed on transient errors (e.g. "
-                               f"{out.transient[0]}); the shard is retried, keeping what was already made")
+        if out.backend_errors:
+            raise backend_failure(self.name, out.backend_errors, len(out.rows))
         stats = {"shard": shard, "config_hash": self.config_hash,
                  "input_marker": upstream_fingerprint(store, dataset, shard, self.upstream()),
                  "samples": len(out.rows), "counts": dict(Counter(r["status"] for r in out.rows)), **out.stats,
                  "seconds": round(time.time() - started, 3)}
-        write_marker(store, dataset, self.name, shard, stats)
-        return stats
+        return write_marker(store, dataset, self.name, shard, stats)

@@ -219,6 +219,9 @@ class OpenAITranslator:
     def usage(self):
         return self._llm.usage
 
+    def health_check(self) -> None:
+        self._llm.health_check(role="translator")
+
     def translate(self, texts: list[str], source: str, target: str) -> list[Translation]:
         completions = self._llm.generate([build_messages(t, source, target) for t in texts],
                                          max_tokens=self.max_tokens, temperature=0.0)

@@ -55,7 +55,7 @@ def quarantine_key(dataset: str, suite: str, shard: int) -> str:
 
 
 def reference_key(dataset: str) -> str:
-    return f"{dataset}/{STAGE}/scores/_reference.json"
+    return f"{dataset}/{STAGE}/score/_reference.json"
 
 
 def summary_key(dataset: str) -> str:

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.build import needs_gpu, selected_stages
+from flows.build import selected_stages
+from flows.stage import make_stage, needs_gpu
 from infra.loopback_server import ImageServer
 from infra.settings import SpecError, build_spec
 from infra.store import LocalStore
@@ -33,8 +34,9 @@ def test_stages_run_in_pipeline_order_and_unknown_ones_are_refused():
 
 
 def test_gpu_workers_are_asked_for_only_by_gpu_profile_stages():
-    spec = build_spec({"name": "x", "experts": {"profile": "gpu"}})
-    assert needs_gpu(spec, ("ingest", "extract")) and not needs_gpu(spec, ("ingest", "fuse"))
+    spec = build_spec({"name": "x", "extract": {"profile": "gpu"}})
+    assert needs_gpu([make_stage(s, spec) for s in ("ingest", "extract")])
+    assert not needs_gpu([make_stage(s, spec) for s in ("ingest", "fuse")])
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def _spec(tmp_path: Path, **fuse) -> dict:
         "name": "refresh", "store": str(tmp_path / "store"),
         "inputs": [{"path": str(tmp_path / "urls.parquet")}],
         "ingest": {"shard_size": 4, "download": {"allow_cidrs": ["127.0.0.0/8"], "retries": 0}},
-        "experts": {"experts": ["objects"]},
+        "extract": {"experts": ["objects"]},
         "fuse": {"outputs": ["short"], **fuse},
         "translate": {"languages": ["pt"]},
     }
@@ -74,10 +76,10 @@ def test_refresh_processes_only_new_samples_and_a_changed_stage_recomputes_itsel
 
     first = run_build(_spec(tmp_path), workers=2)
     assert first["stages"]["ingest"]["counts"] == {"ok": 4}
-    assert first["stages"]["extract"]["shards_extracted"] == [0]
-    assert first["stages"]["fuse"]["shards_fused"] == [0] and first["stages"]["fuse"]["llm_calls"] == 4
-    assert first["stages"]["translate"]["shards_translated"] == [0]
-    assert first["stages"]["score"]["shards_scored"] == [0]
+    assert first["stages"]["extract"]["shards_run"] == [0]
+    assert first["stages"]["fuse"]["shards_run"] == [0] and first["stages"]["fuse"]["llm_calls"] == 4
+    assert first["stages"]["translate"]["shards_run"] == [0]
+    assert first["stages"]["score"]["shards_run"] == [0]
     assert first["stages"]["report"]["samples"] == 4
     fetched = photo_server.hits.copy()
 
@@ -87,36 +89,36 @@ def test_refresh_processes_only_new_samples_and_a_changed_stage_recomputes_itsel
     assert second["stages"]["ingest"]["new_samples"] == 4 and second["stages"]["ingest"]["known_samples"] == 4
     new_fetches = {path for path, n in (photo_server.hits - fetched).items() if path.startswith("/img/")}
     assert new_fetches == {urlsplit(u).path for u, _ in photo_server.pairs[4:]}  # old URLs not fetched again
-    assert second["stages"]["extract"]["shards_extracted"] == [1]
+    assert second["stages"]["extract"]["shards_run"] == [1]
     assert second["stages"]["extract"]["shards_already_done"] == [0]
-    assert second["stages"]["fuse"]["shards_fused"] == [1] and second["stages"]["fuse"]["llm_calls"] == 4
-    assert second["stages"]["translate"]["shards_translated"] == [1]
-    assert second["stages"]["score"]["shards_scored"] == [1]
-    assert second["stages"]["validate"]["validated"]["raw"] == [1]
+    assert second["stages"]["fuse"]["shards_run"] == [1] and second["stages"]["fuse"]["llm_calls"] == 4
+    assert second["stages"]["translate"]["shards_run"] == [1]
+    assert second["stages"]["score"]["shards_run"] == [1]
+    assert second["stages"]["validate"]["validated"]["ingest"] == [1]
     assert second["stages"]["report"]["samples"] == 8
 
     # A changed fusion setting recomputes fusion (every shard) and nothing before it.
     third = run_build(_spec(tmp_path, max_tokens_short=40), workers=2)
     assert third["stages"]["ingest"]["new_samples"] == 0
-    assert third["stages"]["extract"]["shards_extracted"] == []
-    assert third["stages"]["fuse"]["shards_fused"] == [0, 1] and third["stages"]["fuse"]["llm_calls"] == 8
+    assert third["stages"]["extract"]["shards_run"] == []
+    assert third["stages"]["fuse"]["shards_run"] == [0, 1] and third["stages"]["fuse"]["llm_calls"] == 8
     # ... and every stage after it (their input fingerprints changed).
-    assert third["stages"]["translate"]["shards_translated"] == [0, 1]
-    assert third["stages"]["score"]["shards_scored"] == [0, 1]
-    assert third["stages"]["validate"]["validated"]["raw"] == []
+    assert third["stages"]["translate"]["shards_run"] == [0, 1]
+    assert third["stages"]["score"]["shards_run"] == [0, 1]
+    assert third["stages"]["validate"]["validated"]["ingest"] == []
 
     # Provenance: each shard's marker names the flow run that made it.
     runs = {stage: [read_marker(store, "refresh", stage, s)["flow_run_id"] for s in (0, 1)]
-            for stage in ("raw", "experts", "fused")}
+            for stage in ("ingest", "extract", "fuse")}
     assert all(r for ids in runs.values() for r in ids)
-    assert runs["raw"][0] != runs["raw"][1] and runs["experts"][0] != runs["experts"][1]
-    assert runs["fused"][0] == runs["fused"][1] != runs["experts"][1]
-    published = store.get_parquet("refresh/published/samples.parquet").to_pylist()
+    assert runs["ingest"][0] != runs["ingest"][1] and runs["extract"][0] != runs["extract"][1]
+    assert runs["fuse"][0] == runs["fuse"][1] != runs["extract"][1]
+    published = store.get_parquet("refresh/publish/samples.parquet").to_pylist()
     assert len(published) == 8
     for row in published:
         prov = {p["key"]: p["value"] for p in row["provenance"]}  # a list of pairs: HF datasets has no maps
         shard = row["raw_shard"]
-        assert prov["raw.flow_run_id"] == runs["raw"][shard] and prov["fused.flow_run_id"] == runs["fused"][shard]
+        assert prov["ingest.flow_run_id"] == runs["ingest"][shard] and prov["fuse.flow_run_id"] == runs["fuse"][shard]
 
 
 @pytest.mark.slow
@@ -131,12 +133,12 @@ def test_refresh_of_a_grown_folder_ingests_and_extracts_only_the_new_files(tmp_p
     for p in photos[:3]:
         shutil.copy(p, folder / p.name)
     spec = {"name": "folder", "store": str(tmp_path / "store"), "inputs": [{"path": str(folder)}],
-            "ingest": {"shard_size": 3}, "experts": {"experts": ["objects"]}, "stages": ["ingest", "extract"]}
+            "ingest": {"shard_size": 3}, "extract": {"experts": ["objects"]}, "stages": ["ingest", "extract"]}
     first = run_build(spec, workers=2)
     assert first["stages"]["ingest"]["counts"] == {"ok": 3}
     for p in photos[3:5]:
         shutil.copy(p, folder / p.name)
     second = run_build(spec, workers=2)
     assert second["stages"]["ingest"]["new_samples"] == 2 and second["stages"]["ingest"]["known_samples"] == 3
-    assert second["stages"]["extract"]["shards_extracted"] == [1]
+    assert second["stages"]["extract"]["shards_run"] == [1]
     assert second["stages"]["extract"]["shards_already_done"] == [0]

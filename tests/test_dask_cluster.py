@@ -21,7 +21,7 @@ import pytest
 from dask.utils import key_split
 
 from infra.deploy import stop_process_group
-from infra.settings import DownloadConfig, ExtractConfig, IngestConfig, InputSpec, OCRConfig
+from infra.settings import DatasetSpec, DownloadConfig, ExtractConfig, IngestConfig, InputSpec, OCRConfig
 
 START_TIMEOUT = 120.0
 
@@ -95,8 +95,8 @@ def cluster(tmp_path_factory, prefect_api):
 
 def test_gpu_profile_model_tasks_run_only_on_the_gpu_worker(cluster, image_server, tmp_path):
     from distributed import Client
-    from flows.extract import run_extract
-    from flows.ingest import run_ingest
+
+    from flows.stage import run_stage
 
     address, gpu_worker, cpu_worker = cluster
     urls = image_server.image_urls(12)
@@ -107,16 +107,17 @@ def test_gpu_profile_model_tasks_run_only_on_the_gpu_worker(cluster, image_serve
 
     with Client(address) as client:
         client.get_task_stream()  # installs the scheduler's task-stream plugin; records start now
-        run_ingest("placed", [InputSpec(path=str(tmp_path / "urls.parquet"))], store=store, config=ingest_cfg,
-                   dask_address=address)
-        result = run_extract("placed", store=store, config=experts, dask_address=address)
+        inputs = [InputSpec(path=str(tmp_path / "urls.parquet"))]
+        run_stage("ingest", DatasetSpec(name="placed", store=store, inputs=inputs, ingest=ingest_cfg),
+                  dask_address=address)
+        result = run_stage("extract", DatasetSpec(name="placed", store=store, extract=experts), dask_address=address)
         stream = client.get_task_stream()
 
-    assert len(result["shards_extracted"]) == 6 and result["counts"] == {"ok": 12}
+    assert len(result["shards_run"]) == 6 and result["counts"] == {"ok": 12}
     ran_on: dict[str, set[str]] = {}
     for record in stream:
         ran_on.setdefault(key_split(record["key"]), set()).add(record["worker"])
     assert ran_on["extract_shard_task"] == {gpu_worker}  # all 6 model tasks ...
     assert cpu_worker not in ran_on["extract_shard_task"]  # ... none on the CPU worker
     assert "ingest_shard_task" in ran_on  # unannotated tasks ran too, placed by the scheduler where it liked
-    assert Path(store, "placed", "experts", "shard-00005.stats.json").is_file()
+    assert Path(store, "placed", "extract", "shard-00005.stats.json").is_file()

@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from infra.deploy import PREFECT_FILE, DeployError, free_port, local_stack, register_deployments
+from infra.deploy import PREFECT_FILE, DeployError, local_stack, register_deployments
 from infra.loopback_server import ImageServer
-from infra.settings import STAGES
+from infra.net import free_port
+from infra.stages import ORDER as STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((REPO.parent / "shared" / "data" / "photos" / "images").glob("*.jpg"))
@@ -145,7 +146,7 @@ def test_a_deployment_run_by_the_worker_lands_its_shards_in_the_store(stack, fin
     from prefect.client.schemas.sorting import FlowRunSort
 
     assert finished_run.state.is_completed(), (finished_run.state, (stack.tmp / "worker.log").read_text()[-4000:])
-    raw = stack.tmp / "store" / "deployed" / "raw"
+    raw = stack.tmp / "store" / "deployed" / "ingest"
     assert sorted(p.name for p in raw.glob("shard-*.stats.json")) == ["shard-00000.stats.json",
                                                                      "shard-00001.stats.json"]
     table = pq.read_table(raw / "shard-00000.parquet")

@@ -192,7 +192,7 @@ def test_missing_model_file_is_a_clear_error(tmp_path):
     msg = str(err.value)
     assert err.value.role == "detector" and err.value.backend == "yolox-onnx"
     assert "no model file at" in msg and str(tmp_path / "nope") in msg
-    assert "CAPFACTORY_MODELS_DIR" in msg and "experts.detector.model" in msg
+    assert "CAPFACTORY_MODELS_DIR" in msg and "extract.detector.model" in msg
 
 
 def test_bad_vocabulary_and_input_size():

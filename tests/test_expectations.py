@@ -13,14 +13,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from expectations.fused import always_leaking
 
+from expectations.fuse import always_leaking
 from expectations.runner import SUITES
 from infra.loopback_server import ImageServer
 from infra.settings import DatasetSpec, DownloadConfig, ExtractConfig, FuseConfig, IngestConfig, InputSpec
 from infra.store import LocalStore
-from tasks.extract import extract_shard
-from tasks.fuse import fuse_shard
+from tasks.extract import ExtractStage
+from tasks.fuse import FuseStage
 from tasks.ingest import ingest_shard, plan_ingest
 from tasks.shards import stage_key, write_marker
 from tasks.validate import (
@@ -62,8 +62,8 @@ def spec(**validation) -> DatasetSpec:
 
 def write_contract_tables(store: LocalStore, shard: int) -> None:
     """translated (pt, the short caption and the alt-text) and scores rows as the contract describes them."""
-    raw = store.get_parquet(stage_key(DATASET, "raw", shard, "parquet")).to_pylist()
-    fused = {r["key"]: r for r in store.get_parquet(stage_key(DATASET, "fused", shard, "parquet")).to_pylist()}
+    raw = store.get_parquet(stage_key(DATASET, "ingest", shard, "parquet")).to_pylist()
+    fused = {r["key"]: r for r in store.get_parquet(stage_key(DATASET, "fuse", shard, "parquet")).to_pylist()}
     prov = [("backend", "bergamot"), ("model", "en-pt-tiny"), ("config_hash", "0123456789abcdef")]
     translated, scores = [], []
     for i, r in enumerate(raw):
@@ -80,7 +80,7 @@ def write_contract_tables(store: LocalStore, shard: int) -> None:
                        "clip_translations": [{"field": "caption_short", "lang": "pt", "score": clip}] if ok else None,
                        "nsfw": 0.02 if ok else None, "lang_alt": "en", "lang_alt_prob": 0.99, "lang_short": "en",
                        "lang_dense": None, "provenance": [("clip", "open_clip:ViT-B-32"), ("nsfw", "opennsfw")]})
-    for stage, rows, schema in (("translated", translated, TRANSLATED_SCHEMA), ("scores", scores, SCORES_SCHEMA)):
+    for stage, rows, schema in (("translate", translated, TRANSLATED_SCHEMA), ("score", scores, SCORES_SCHEMA)):
         store.put_parquet(stage_key(DATASET, stage, shard, "parquet"), pa.Table.from_pylist(rows, schema))
         write_marker(store, DATASET, stage, shard, {"shard": shard, "samples": len(rows), "config_hash": "test"})
 
@@ -104,8 +104,8 @@ def coco(tmp_path_factory) -> LocalStore:
         for shard in (0, 1):
             ingest_shard(store.uri, DATASET, shard, cfg)
     for shard in (0, 1):
-        extract_shard(store.uri, DATASET, shard, ExtractConfig(experts=("objects",)), str(SHARED / "models"))
-        fuse_shard(store.uri, DATASET, shard, FuseConfig(mode="capsfusion", outputs=("short",)))
+        ExtractStage(ExtractConfig(experts=("objects",)), str(SHARED / "models")).run_shard(store.uri, DATASET, shard)
+        FuseStage(FuseConfig(mode="capsfusion", outputs=("short",))).run_shard(store.uri, DATASET, shard)
         write_contract_tables(store, shard)
     return store
 
@@ -128,7 +128,7 @@ def _edit(store: LocalStore, stage: str, shard: int, change) -> list[dict]:
 
 
 def _validate(store: LocalStore, suite: str, shard: int, s: DatasetSpec) -> dict:
-    reference = ensure_reference(store, DATASET, s.validation) if suite == "scores" else None
+    reference = ensure_reference(store, DATASET, s.validation) if suite == "score" else None
     return validate_shard(store.uri, DATASET, suite, shard, s, reference)
 
 
@@ -142,7 +142,7 @@ def test_every_suite_passes_on_good_data(coco):
             assert not coco.exists(quarantine_key(DATASET, suite, shard))
             stored = coco.get_json(result_key(DATASET, suite, shard))
             assert stored["gx_result"]["success"] and stored["gx_result"]["suite_name"] == suite
-    drift = [r for r in coco.get_json(result_key(DATASET, "scores", 1))["gx_result"]["results"]
+    drift = [r for r in coco.get_json(result_key(DATASET, "score", 1))["gx_result"]["results"]
              if r["expectation_config"]["type"] == "expect_column_kl_divergence_to_be_less_than"]
     assert {r["expectation_config"]["kwargs"]["column"] for r in drift} == {"clip_alt", "clip_short", "nsfw"}
     assert quarantined_keys(coco, DATASET) == set()
@@ -183,13 +183,13 @@ def _drift(rows):
 
 # (suite, shard, how to break it, rows that are bad (positions), an expectation the failure names)
 DEFECTS = {
-    "duplicate_key": ("raw", 0, _dup_key, [0, 1], "expect_column_values_to_be_unique(key)"),
-    "bad_sha256": ("raw", 1, _bad_sha, [0], "expect_column_values_to_match_regex(sha256)"),
-    "empty_caption": ("fused", 0, _empty_caption, [3], "expect_column_values_to_match_regex(caption_short)"),
-    "leaked_prompt": ("fused", 1, _leaks, [0, 3], "expect_column_values_to_not_match_regex_list(caption_short)"),
-    "out_of_range_scores": ("scores", 0, _out_of_range, [0, 3], "expect_column_values_to_be_between(clip_alt)"),
-    "wrong_language": ("translated", 0, _wrong_language, None, "expect_column_pair_values_to_be_equal(qe_lang,lang)"),
-    "drift": ("scores", 1, _drift, None, "expect_column_mean_to_be_between(clip_alt)"),
+    "duplicate_key": ("ingest", 0, _dup_key, [0, 1], "expect_column_values_to_be_unique(key)"),
+    "bad_sha256": ("ingest", 1, _bad_sha, [0], "expect_column_values_to_match_regex(sha256)"),
+    "empty_caption": ("fuse", 0, _empty_caption, [3], "expect_column_values_to_match_regex(caption_short)"),
+    "leaked_prompt": ("fuse", 1, _leaks, [0, 3], "expect_column_values_to_not_match_regex_list(caption_short)"),
+    "out_of_range_scores": ("score", 0, _out_of_range, [0, 3], "expect_column_values_to_be_between(clip_alt)"),
+    "wrong_language": ("translate", 0, _wrong_language, None, "expect_column_pair_values_to_be_equal(qe_lang,lang)"),
+    "drift": ("score", 1, _drift, None, "expect_column_mean_to_be_between(clip_alt)"),
 }
 
 
@@ -209,7 +209,7 @@ def test_planted_defect_is_quarantined(broken, defect):
     assert result["counts"] == {"ok": len(rows) - len(bad), "quarantined": len(bad)}
     aside = broken.get_parquet(quarantine_key(DATASET, suite, shard)).to_pylist()
     assert len(aside) == len(bad) and all(r["quarantine_reasons"] for r in aside)
-    if suite == "translated":
+    if suite == "translate":
         assert quarantined_translations(broken, DATASET) == {(r["key"], r["field"], r["lang"]) for r in aside}
         assert quarantined_keys(broken, DATASET) == set()  # the samples stay; their bad translations go
     else:
@@ -232,26 +232,26 @@ def test_planted_defect_fails_the_shard_in_fail_mode(broken, defect):
 
 
 def test_failure_messages_carry_examples(broken):
-    _edit(broken, "fused", 1, _leaks)
+    _edit(broken, "fuse", 1, _leaks)
     with pytest.raises(ValidationFailed, match="Merge the two into one short caption: a bus"):
-        _validate(broken, "fused", 1, spec(on_failure="fail"))
-    _edit(broken, "raw", 1, _bad_sha)
+        _validate(broken, "fuse", 1, spec(on_failure="fail"))
+    _edit(broken, "ingest", 1, _bad_sha)
     with pytest.raises(ValidationFailed, match="not-a-sha256"):
-        _validate(broken, "raw", 1, spec(on_failure="fail"))
+        _validate(broken, "ingest", 1, spec(on_failure="fail"))
 
 
 def test_a_few_wrong_languages_stay_within_mostly(broken):
-    rows = _edit(broken, "translated", 0, lambda rows: rows[0].update(qe_lang="es"))
+    rows = _edit(broken, "translate", 0, lambda rows: rows[0].update(qe_lang="es"))
     assert len(rows) >= 5
-    assert _validate(broken, "translated", 0, spec(translation_lang_match_mostly=0.5))["success"]
-    assert not _validate(broken, "translated", 0, spec(translation_lang_match_mostly=1.0))["success"]
+    assert _validate(broken, "translate", 0, spec(translation_lang_match_mostly=0.5))["success"]
+    assert not _validate(broken, "translate", 0, spec(translation_lang_match_mostly=1.0))["success"]
 
 
 def test_missing_column_and_wrong_row_count_quarantine_the_whole_shard(broken):
-    key = stage_key(DATASET, "fused", 0, "parquet")
+    key = stage_key(DATASET, "fuse", 0, "parquet")
     table = broken.get_parquet(key)
     broken.put_parquet(key, table.drop_columns(["provenance"]).slice(1))
-    result = _validate(broken, "fused", 0, spec())
+    result = _validate(broken, "fuse", 0, spec())
     names = {f["expectation"] for f in result["failed"]}
     assert {"expect_table_columns_to_match_set", "expect_table_row_count_to_equal"} <= names
     assert len(result["quarantined"]) == table.num_rows - 1

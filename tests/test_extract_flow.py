@@ -15,9 +15,9 @@ from PIL import Image
 
 from infra.loopback_server import ImageServer
 from infra.models import ModelUnavailable
-from infra.settings import DownloadConfig, ExtractConfig, ImageConfig, IngestConfig, InputSpec
+from infra.settings import DatasetSpec, DownloadConfig, ExtractConfig, ImageConfig, IngestConfig, InputSpec
 from infra.store import LocalStore
-from tasks.extract import STAGE, plan_experts, shards_to_extract
+from tasks.extract import ExtractStage, plan_experts
 from tasks.ingest import dedup_dataset, ingest_shard, plan_ingest
 from tasks.shards import stage_key
 
@@ -61,7 +61,7 @@ def ingested(tmp_path_factory) -> tuple[LocalStore, dict[str, str]]:
         for shard in plan.todo:
             ingest_shard(store.uri, "exp", shard, cfg)
         dedup_dataset(store, "exp", cfg.phash_threshold)
-    raw = pa.concat_tables([store.get_parquet(stage_key("exp", "raw", s, "parquet")) for s in (0, 1)])
+    raw = pa.concat_tables([store.get_parquet(stage_key("exp", "ingest", s, "parquet")) for s in (0, 1)])
     keys = {u.rsplit("/", 1)[-1]: k for u, k in zip(raw.column("url").to_pylist(), raw.column("key").to_pylist(),
                                                     strict=True)}
     return store, keys
@@ -69,12 +69,13 @@ def ingested(tmp_path_factory) -> tuple[LocalStore, dict[str, str]]:
 
 @pytest.mark.slow
 def test_extract_flow_runs_every_expert_and_records_every_sample(ingested):
-    from flows.extract import run_extract
+    from flows.stage import run_stage
 
     store, keys = ingested
-    result = run_extract("exp", store=store.uri, config=ExtractConfig(batch_size=3), models_dir=MODELS, workers=2)
-    assert sorted(result["shards_extracted"]) == [0, 1]
-    table = pa.concat_tables([store.get_parquet(stage_key("exp", STAGE, s, "parquet")) for s in (0, 1)])
+    result = run_stage("extract", DatasetSpec(name="exp", store=store.uri, extract=ExtractConfig(batch_size=3)),
+                       models_dir=MODELS, workers=2)
+    assert sorted(result["shards_run"]) == [0, 1]
+    table = pa.concat_tables([store.get_parquet(stage_key("exp", "extract", s, "parquet")) for s in (0, 1)])
     rows = {r["key"]: r for r in table.to_pylist()}
     assert len(rows) == 10
     assert rows[keys["truncated.jpg"]]["status"] == "skipped"
@@ -83,7 +84,7 @@ def test_extract_flow_runs_every_expert_and_records_every_sample(ingested):
     people = rows[keys["people.jpg"]]
     # The repeated photo shares the first one's result: the models saw 8 distinct images for 9 good samples.
     assert {**rows[keys["people-again.jpg"]], "key": None} == {**people, "key": None}
-    shard_stats = [store.get_json(stage_key("exp", STAGE, s, "stats.json")) for s in (0, 1)]
+    shard_stats = [store.get_json(stage_key("exp", "extract", s, "stats.json")) for s in (0, 1)]
     assert sum(s["images_run"] for s in shard_stats) == 8
     labels = [o["label"] for o in people["objects"]]
     assert "person" in labels and "horse" in labels
@@ -100,9 +101,9 @@ def test_extract_flow_runs_every_expert_and_records_every_sample(ingested):
     assert result["with_text"] >= 2
 
     # A re-run skips finished shards; a changed expert config recomputes them.
-    assert shards_to_extract(store, "exp", ExtractConfig())[0] == []
+    assert ExtractStage(ExtractConfig(), MODELS).status(store, "exp")[0] == []
     stricter = ExtractConfig(ocr={"min_score": 0.9})
-    assert shards_to_extract(store, "exp", stricter)[0] == [0, 1]
+    assert ExtractStage(stricter, MODELS).status(store, "exp")[0] == [0, 1]
 
 
 def test_plan_refuses_what_cannot_run_with_clear_errors(tmp_path):
@@ -115,7 +116,7 @@ def test_plan_refuses_what_cannot_run_with_clear_errors(tmp_path):
     with pytest.raises(ModelUnavailable, match="no such backend"):
         plan_experts(ExtractConfig(ocr={"backend": "nope"}), MODELS)
     plan = plan_experts(ExtractConfig(experts=("ocr",)), str(tmp_path))  # OCR needs no models folder
-    assert plan.ocr[0] == "rapidocr" and plan.detector is None and plan.captioner is None
+    assert plan["ocr"][0] == "rapidocr" and "detector" not in plan and "captioner" not in plan
 
 
 def test_cli_extract_without_captioner_model_exits_with_the_reason(tmp_path):
@@ -126,5 +127,5 @@ def test_cli_extract_without_captioner_model_exits_with_the_reason(tmp_path):
     assert "captioner" in proc.stderr and "cpu profile" in proc.stderr
     bad = subprocess.run([sys.executable, "-m", "flows.cli", "extract", "--dataset", "x", "--store", str(tmp_path),
                           "--experts", "ocr,smell"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "experts.experts" in bad.stderr
+    assert bad.returncode == 2 and "extract.experts: unknown expert(s) smell" in bad.stderr
 

@@ -14,19 +14,17 @@ import pytest
 
 from infra.loopback_server import ImageServer
 from infra.models import ModelUnavailable
-from infra.settings import DownloadConfig, ExtractConfig, FuseConfig, IngestConfig, InputSpec
+from infra.settings import DatasetSpec, DownloadConfig, ExtractConfig, FuseConfig, IngestConfig, InputSpec
 from infra.store import LocalStore
-from tasks.extract import extract_shard
+from tasks.extract import ExtractStage
 from tasks.fuse import (
-    STAGE,
     FuseInputs,
+    FuseStage,
     build_messages,
     describe_objects,
-    fuse_shard,
     normalise_output,
     plan_llm,
     prompt_hash,
-    shards_to_fuse,
 )
 from tasks.ingest import ingest_shard, plan_ingest
 from tasks.shards import stage_key
@@ -98,15 +96,16 @@ def coco_dataset(tmp_path_factory):
         cfg = IngestConfig(shard_size=100, download=DownloadConfig(allow_cidrs=("127.0.0.0/8",), retries=0))
         plan_ingest(store, "coco", [InputSpec(path=str(tmp / "urls.parquet"))], cfg)
         ingest_shard(store.uri, "coco", 0, cfg)
-    extract_shard(store.uri, "coco", 0, ExtractConfig(experts=("objects", "attributes")), str(SHARED / "models"))
+    experts = ExtractConfig(experts=("objects", "attributes"))
+    ExtractStage(experts, str(SHARED / "models")).run_shard(store.uri, "coco", 0)
     return store
 
 
 def test_fuse_shard_with_the_in_process_llm(coco_dataset):
     store = coco_dataset
     cfg = FuseConfig(max_tokens_dense=80)
-    stats = fuse_shard(store.uri, "coco", 0, cfg)
-    rows = store.get_parquet(stage_key("coco", STAGE, 0, "parquet")).to_pylist()
+    stats = FuseStage(cfg).run_shard(store.uri, "coco", 0)
+    rows = store.get_parquet(stage_key("coco", "fuse", 0, "parquet")).to_pylist()
     assert len(rows) == 7 and stats["counts"] == {"ok": 6, "skipped": 1}
     assert stats["llm_calls"] == 12 and stats["cache_hits"] == 0
     for row in rows:
@@ -129,8 +128,8 @@ def test_fuse_shard_with_the_in_process_llm(coco_dataset):
     assert injected["input_injection"] and "ignore previous instructions" in injected["input_injection"].lower()
 
     # Same config: nothing to do. Stricter guards: re-checked from the cached completions, no LLM call.
-    assert shards_to_fuse(store, "coco", cfg)[0] == []
-    again = fuse_shard(store.uri, "coco", 0, FuseConfig(max_tokens_dense=80, max_unsupported=3))
+    assert FuseStage(cfg).status(store, "coco")[0] == []
+    again = FuseStage(FuseConfig(max_tokens_dense=80, max_unsupported=3)).run_shard(store.uri, "coco", 0)
     assert again["llm_calls"] == 0 and again["cache_hits"] == 12
 
 
@@ -148,21 +147,21 @@ def test_fuse_shard_resumes_after_the_llm_server_dies_mid_shard(coco_dataset):
     import time
 
     from infra.models import load_backend
-    from tasks.llm import LlamaCppServer
+    from tasks.llm_server import LlamaCppServer
 
     store = coco_dataset
     for ext in ("parquet", "stats.json"):
-        store.delete(stage_key("coco", STAGE, 0, ext))
+        store.delete(stage_key("coco", "fuse", 0, ext))
     with LlamaCppServer(n_threads=1) as server:
         cfg = FuseConfig(backend="openai", endpoint=server.url, model=server.alias, outputs=("short",),
                          concurrency=1, timeout=30)
-        backend = load_backend("llm", "openai", **plan_llm(cfg).options)  # the instance fuse_shard will use
+        backend = load_backend("llm", "openai", **plan_llm(cfg).options)  # the instance the fuse stage will use
         done_before = backend.usage.requests
         outcome: dict = {}
 
         def run() -> None:
             try:
-                outcome["stats"] = fuse_shard(store.uri, "coco", 0, cfg)
+                outcome["stats"] = FuseStage(cfg).run_shard(store.uri, "coco", 0)
             except RuntimeError as e:
                 outcome["error"] = e
 
@@ -174,16 +173,16 @@ def test_fuse_shard_resumes_after_the_llm_server_dies_mid_shard(coco_dataset):
         server.kill()
         worker.join(timeout=180)
         assert "transient" in str(outcome.get("error")), outcome  # the shard fails while the server is gone
-        assert store.exists(stage_key("coco", STAGE, 0, "parquet"))  # partial results kept...
-        assert not store.exists(stage_key("coco", STAGE, 0, "stats.json"))  # ...but the shard is not done
-        made = sum(1 for r in store.get_parquet(stage_key("coco", STAGE, 0, "parquet")).to_pylist()
+        assert store.exists(stage_key("coco", "fuse", 0, "parquet"))  # partial results kept...
+        assert not store.exists(stage_key("coco", "fuse", 0, "stats.json"))  # ...but the shard is not done
+        made = sum(1 for r in store.get_parquet(stage_key("coco", "fuse", 0, "parquet")).to_pylist()
                    if r["fused_short"])
         assert 1 <= made < 6
 
         server.start()  # back on the same port; the retried shard completes
-        stats = fuse_shard(store.uri, "coco", 0, cfg)
+        stats = FuseStage(cfg).run_shard(store.uri, "coco", 0)
     assert stats["cache_hits"] == made and stats["llm_calls"] == 6 - made
-    rows = [r for r in store.get_parquet(stage_key("coco", STAGE, 0, "parquet")).to_pylist() if r["status"] == "ok"]
+    rows = [r for r in store.get_parquet(stage_key("coco", "fuse", 0, "parquet")).to_pylist() if r["status"] == "ok"]
     assert len(rows) == 6 and all(r["fused_short"] for r in rows)
 
 
@@ -215,19 +214,20 @@ def test_rank_and_fuse_keeps_the_two_best_scored_candidates():
 def test_rank_and_fuse_without_clip_weights_is_a_clear_error(coco_dataset, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelUnavailable, match="clip"):
-        fuse_shard(coco_dataset.uri, "coco", 0, FuseConfig(mode="rank-and-fuse", outputs=("short",)))
+        FuseStage(FuseConfig(mode="rank-and-fuse", outputs=("short",))).run_shard(coco_dataset.uri, "coco", 0)
 
 
 @pytest.mark.slow
 def test_fuse_flow_on_a_local_cluster(coco_dataset):
-    from flows.fuse import run_fuse
+    from flows.stage import run_stage
 
     store = coco_dataset
     for ext in ("parquet", "stats.json"):
-        store.delete(stage_key("coco", STAGE, 0, ext))
-    result = run_fuse("coco", store=store.uri, config=FuseConfig(mode="capsfusion", outputs=("short",)), workers=2)
-    assert result["shards_fused"] == [0] and result["counts"] == {"ok": 6, "skipped": 1}
+        store.delete(stage_key("coco", "fuse", 0, ext))
+    result = run_stage("fuse", DatasetSpec(name="coco", store=store.uri,
+                                           fuse=FuseConfig(mode="capsfusion", outputs=("short",))), workers=2)
+    assert result["shards_run"] == [0] and result["counts"] == {"ok": 6, "skipped": 1}
     assert result["llm_calls"] == 6 and result["provenance"]["llm"].startswith("llamacpp:")
-    rows = store.get_parquet(stage_key("coco", STAGE, 0, "parquet")).to_pylist()
+    rows = store.get_parquet(stage_key("coco", "fuse", 0, "parquet")).to_pylist()
     assert all(r["fused_short"] for r in rows if r["status"] == "ok")
     assert dict(rows[0]["provenance"])["mode"] == "capsfusion"

@@ -13,24 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from tasks.guards import (
+from tasks.grounding import (
     COCO_CLASSES,
     CONCEPTS,
-    LANGID_MIN_WORDS,
-    LEAKAGE_PATTERNS,
     RELATED,
     RELATED_PAIRS,
-    GuardResult,
     canonical_labels,
-    check_caption,
-    find_injection,
-    find_leakage,
-    injection_payloads,
     mentioned_concepts,
-    normalize_text,
-    pluralize,
     supported_concepts,
 )
+from tasks.guards import LEAKAGE_PATTERNS, GuardResult, check_caption, find_injection, find_leakage, injection_payloads
+from tasks.lib.langid import LANGID_MIN_WORDS
+from tasks.lib.text import normalize_text, pluralize
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PHOTOS = SHARED / "photos"

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from infra.loopback_server import ImageServer
-from infra.settings import DownloadConfig, ImageConfig, IngestConfig, InputSpec
+from infra.settings import DatasetSpec, DownloadConfig, ImageConfig, IngestConfig, InputSpec
 from infra.store import LocalStore, open_store
 from tasks.ingest import STAGE, dedup_dataset, ingest_shard, plan_ingest
 from tasks.shards import stage_key
@@ -79,13 +79,13 @@ def server():
 
 @pytest.mark.slow
 def test_flow_on_local_cluster_records_every_fault_and_lands_every_good_image_once(server, tmp_path):
-    from flows.ingest import run_ingest
+    from flows.stage import run_stage
 
     good = server.image_urls(60)
     urls = good + [server.url(p) for p in FAULTS] + [good[0].replace("http://127.0.0.1", "HTTP://127.0.0.1")]
     url_list = write_url_list(tmp_path / "urls.parquet", urls, license=["cc-by"] * len(urls))
-    result = run_ingest("e2e", [InputSpec(path=str(url_list))], store=str(tmp_path / "store"),
-                        config=fast_config(), workers=2)
+    result = run_stage("ingest", DatasetSpec(name="e2e", store=str(tmp_path / "store"),
+                                             inputs=[InputSpec(path=str(url_list))], ingest=fast_config()), workers=2)
 
     store = open_store(str(tmp_path / "store"))
     table, members = read_dataset(store, "e2e")
@@ -105,7 +105,7 @@ def test_flow_on_local_cluster_records_every_fault_and_lands_every_good_image_on
     for u in good:
         dup = rows[u]["duplicate_of"]
         assert dup is None if canonical[rows[u]["sha256"]] == rows[u]["key"] else dup == canonical[rows[u]["sha256"]]
-    markers = [k for k in store.list("e2e/raw") if k.endswith(".stats.json")]
+    markers = [k for k in store.list("e2e/ingest") if k.endswith(".stats.json")]
     assert len(markers) == 3  # 74 samples in shards of 25
     stats = store.get_json(markers[0])
     assert stats["config_hash"] == fast_config().config_hash() and stats["samples"] == 25
@@ -113,8 +113,9 @@ def test_flow_on_local_cluster_records_every_fault_and_lands_every_good_image_on
 
 @pytest.mark.slow
 def test_flow_writes_to_s3_protocol_server(server, tmp_path, monkeypatch):
-    from flows.ingest import run_ingest
     from moto.server import ThreadedMotoServer
+
+    from flows.stage import run_stage
 
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     moto.start()
@@ -126,12 +127,14 @@ def test_flow_writes_to_s3_protocol_server(server, tmp_path, monkeypatch):
             monkeypatch.setenv(name, value)  # the Dask workers inherit these
         urls = [*server.image_urls(30), server.url("/fault/truncated.jpg")]
         url_list = write_url_list(tmp_path / "urls.csv.parquet", urls)
-        result = run_ingest("s3set", [InputSpec(path=str(url_list), format="parquet")],
-                            store="s3://capfactory-test/datasets", config=fast_config(shard_size=16), workers=2)
+        result = run_stage("ingest", DatasetSpec(name="s3set", store="s3://capfactory-test/datasets",
+                                                 inputs=[InputSpec(path=str(url_list), format="parquet")],
+                                                 ingest=fast_config(shard_size=16)), workers=2)
         assert result["counts"] == {"ok": 30, "error": 1}
         store = open_store("s3://capfactory-test/datasets")
-        keys = store.list("s3set/raw")
-        assert {"s3set/raw/shard-00000.tar", "s3set/raw/shard-00001.parquet", "s3set/raw/_dedup.json"} <= set(keys)
+        keys = store.list("s3set/ingest")
+        assert {"s3set/ingest/shard-00000.tar", "s3set/ingest/shard-00001.parquet",
+                "s3set/ingest/_dedup.json"} <= set(keys)
         table, members = read_dataset(store, "s3set")
         assert sum(members.values()) == 30 and table.num_rows == 31
     finally:
@@ -153,7 +156,7 @@ def test_cli_resume_after_kill_loses_and_duplicates_nothing(tmp_path):
                 "20", "--workers", "1", "--concurrency", "4", "--allow-cidr", "127.0.0.0/8"]
         proc = subprocess.Popen([*CAPFACTORY, *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        raw = tmp_path / "store" / "resume" / "raw"
+        raw = tmp_path / "store" / "resume" / "ingest"
         deadline = time.monotonic() + 180
         try:
             while len(list(raw.glob("*.stats.json"))) < 3 and time.monotonic() < deadline:
@@ -235,7 +238,7 @@ def test_appending_a_list_downloads_only_unseen_urls_and_dedups_against_old_shar
     table, members = read_dataset(store, "grow")
     rows = {r["url"]: r for r in table.to_pylist()}
     assert table.num_rows == 40 and sum(members.values()) == 40
-    shards = sorted(k for k in store.list("grow/raw") if k.endswith(".stats.json"))
+    shards = sorted(k for k in store.list("grow/ingest") if k.endswith(".stats.json"))
     assert shards[-1].endswith("shard-00002.stats.json")
     for i in range(100, 110):  # photo i % 20 first appeared at /img/{i % 20}
         assert rows[server.url(f"/img/{i}/again.jpg")]["duplicate_of"] == rows[first[i % 20]]["key"]

@@ -18,10 +18,11 @@ from PIL import Image
 from infra.loopback_server import ImageServer
 from infra.settings import DatasetSpec, DownloadConfig, IngestConfig, InputSpec, PublishConfig, ScoreConfig
 from infra.store import LocalStore
-from tasks.extract import EXPERTS_SCHEMA
+from tasks.experts import experts_schema
 from tasks.fuse import FUSED_SCHEMA
 from tasks.ingest import dedup_dataset, ingest_shard, plan_ingest
-from tasks.shards import read_tar_members, stage_key, write_marker
+from tasks.semdedup import SEMDEDUP_KEY
+from tasks.shards import read_shard_members, stage_key, write_marker
 from tasks.validate import quarantine_key
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
@@ -49,7 +50,7 @@ def _write(store: LocalStore, dataset: str, stage: str, shard: int, table: pa.Ta
 
 
 def copy_raw(store: LocalStore, source: str, dataset: str) -> None:
-    for key in store.list(f"{source}/raw"):
+    for key in store.list(f"{source}/ingest"):
         store.put_bytes(dataset + key[len(source):], store.get_bytes(key))
 
 
@@ -60,7 +61,7 @@ def add_stages(store: LocalStore, dataset: str, shards: list[int]) -> None:
     n = 0
     semdedup = []
     for shard in shards:
-        raw = store.get_parquet(stage_key(dataset, "raw", shard, "parquet")).to_pylist()
+        raw = store.get_parquet(stage_key(dataset, "ingest", shard, "parquet")).to_pylist()
         experts, fused, translated, scores = [], [], [], []
         for r in raw:
             ok = r["status"] == "ok"
@@ -88,11 +89,11 @@ def add_stages(store: LocalStore, dataset: str, shards: list[int]) -> None:
                            "provenance": [("clip", "open_clip:test")]})
             semdedup.append({"key": r["key"], "semdedup_cluster": 0,
                              "semdedup_duplicate_of": semdedup[-1]["key"] if n == 3 and ok else None})
-        _write(store, dataset, "experts", shard, pa.Table.from_pylist(experts, EXPERTS_SCHEMA))
-        _write(store, dataset, "fused", shard, pa.Table.from_pylist(fused, FUSED_SCHEMA))
-        _write(store, dataset, "translated", shard, pa.Table.from_pylist(translated, TRANSLATED_SCHEMA))
-        _write(store, dataset, "scores", shard, pa.Table.from_pylist(scores, SCORES_SCHEMA))
-    store.put_parquet(f"{dataset}/scores/_semdedup.parquet", pa.Table.from_pylist(semdedup, pa.schema([
+        _write(store, dataset, "extract", shard, pa.Table.from_pylist(experts, experts_schema()))
+        _write(store, dataset, "fuse", shard, pa.Table.from_pylist(fused, FUSED_SCHEMA))
+        _write(store, dataset, "translate", shard, pa.Table.from_pylist(translated, TRANSLATED_SCHEMA))
+        _write(store, dataset, "score", shard, pa.Table.from_pylist(scores, SCORES_SCHEMA))
+    store.put_parquet(SEMDEDUP_KEY.format(dataset=dataset), pa.Table.from_pylist(semdedup, pa.schema([
         ("key", pa.string()), ("semdedup_cluster", pa.int32()), ("semdedup_duplicate_of", pa.string())])))
 
 
@@ -135,10 +136,10 @@ def publish_inline(store: LocalStore, dataset: str, spec: DatasetSpec) -> dict:
 
 def _raw_images(store: LocalStore, dataset: str) -> dict[str, bytes]:
     images = {}
-    for key in store.list(f"{dataset}/raw"):
+    for key in store.list(f"{dataset}/ingest"):
         if key.endswith(".tar"):
-            store.get_file(key, Path(store.root) / "tmp.tar")
-            images |= {n[:-4]: b for n, b in read_tar_members(Path(store.root) / "tmp.tar").items() if
+            shard = int(key.rsplit("shard-", 1)[1][:-len(".tar")])
+            images |= {n[:-4]: b for n, b in read_shard_members(store, dataset, shard).items() if
                        n.endswith(".jpg")}
     return images
 
@@ -164,7 +165,7 @@ def test_joined_table_has_each_stage_that_ran(store):
     assert [t["status"] for t in [r for r in kept if r["status"] == "ok"][1]["translations"]] == ["flagged"]
     assert rows[2]["semdedup_duplicate_of"] == rows[1]["key"]
     prov = dict(rows[0]["provenance"])
-    assert prov["fused.llm"] == "llamacpp:test" and prov["scores.clip"] == "open_clip:test"
+    assert prov["fuse.llm"] == "llamacpp:test" and prov["score.clip"] == "open_clip:test"
     assert [r["raw_shard"] for r in full.to_pylist()] == [0, 0, 0, 1, 1, 1, 2, 2]
 
 
@@ -189,13 +190,13 @@ def test_publish_selected_samples_and_every_row_in_parquet(store, tmp_path):
     ok = [k for k, r in all_rows.items() if r["status"] == "ok"]
     # Validation (quarantine mode) set aside one sample in the scores suite and one translation.
     quarantined = ok[4]
-    store.put_parquet(quarantine_key("full", "scores", 1), pa.table({"key": [quarantined]}))
-    store.put_parquet(quarantine_key("full", "translated", 1), pa.table({"key": [ok[5]], "field": ["caption_short"],
+    store.put_parquet(quarantine_key("full", "score", 1), pa.table({"key": [quarantined]}))
+    store.put_parquet(quarantine_key("full", "translate", 1), pa.table({"key": [ok[5]], "field": ["caption_short"],
                                                                           "lang": ["pt"]}))
-    spec = DatasetSpec(name="full", quality=QUALITY, publish=PublishConfig(shard_size=2))
+    spec = DatasetSpec(name="full", score=QUALITY, publish=PublishConfig(shard_size=2))
     release = publish_inline(store, "full", spec)
 
-    samples = pq.read_table(store.root / "full/published/samples.parquet").to_pylist()
+    samples = pq.read_table(store.root / "full/publish/samples.parquet").to_pylist()
     assert len(samples) == 8 == release["samples"]
     by_key = {r["key"]: r for r in samples}
     # Not selected: the failed download, the duplicate photo, the low CLIP score, the semantic duplicate and the
@@ -226,29 +227,29 @@ def test_publish_selected_samples_and_every_row_in_parquet(store, tmp_path):
     assert sorted(seen) == sorted(selected)
     pil = next(iter(wds.WebDataset(urls[:1], shardshuffle=False).decode("pil")))
     assert pil["jpg"].size[0] > 0
-    assert dict(pil["json"]["provenance"])["fused.llm"] == "llamacpp:test"
+    assert dict(pil["json"]["provenance"])["fuse.llm"] == "llamacpp:test"
 
     # Hugging Face datasets reads both, offline.
-    parquet = datasets.load_dataset("parquet", data_files=str(store.root / "full/published/samples.parquet"),
+    parquet = datasets.load_dataset("parquet", data_files=str(store.root / "full/publish/samples.parquet"),
                                     split="train", cache_dir=str(tmp_path / "hf"))
     assert parquet.num_rows == 8 and sum(parquet["selected"]) == len(selected)
     web = datasets.load_dataset("webdataset", data_files=urls, split="train", cache_dir=str(tmp_path / "hf"))
     assert sorted(web["__key__"]) == sorted(selected)
     assert isinstance(web[0]["jpg"], Image.Image) and web[0]["txt"]
 
-    card = (store.root / "full/published/README.md").read_text()
+    card = (store.root / "full/publish/README.md").read_text()
     header = yaml.safe_load(card.split("---")[1])
     assert header["task_categories"][0] == "image-to-text" and header["license"] == "other"
     assert set(header["language"]) == {"en", "pt"} and header["size_categories"] == ["n<1K"]
     assert "| quarantined | 1 |" in card and "open_clip:test" in card and "datasets.load_dataset" in card
-    assert json.loads((store.root / "full/published/_published.json").read_text())["selected"] == len(selected)
-    assert not (store.root / "full/published/_plan.parquet").exists()
+    assert json.loads((store.root / "full/publish/_published.json").read_text())["selected"] == len(selected)
+    assert not (store.root / "full/publish/_plan.parquet").exists()
 
 
 def test_ingest_only_dataset_publishes_alt_text(store):
     spec = DatasetSpec(name="bare", publish=PublishConfig(include_unselected_in_parquet=False))
     release = publish_inline(store, "bare", spec)
-    samples = pq.read_table(store.root / "bare/published/samples.parquet").to_pylist()
+    samples = pq.read_table(store.root / "bare/publish/samples.parquet").to_pylist()
     assert len(samples) == release["selected"] == 6  # 8 rows less the failed download and the duplicate
     assert "caption_short" not in samples[0] and "skipped" in release["filters"]
     with tarfile.open(store.root / release["shards"][0]) as tar:
@@ -259,7 +260,7 @@ def test_ingest_only_dataset_publishes_alt_text(store):
     assert meta["alt_text"] == samples[0]["alt_text"] and "clip_short" not in meta
     assert Image.open(io.BytesIO(members[f"{samples[0]['key']}.jpg"])).size == (samples[0]["width"],
                                                                              samples[0]["height"])
-    card = (store.root / "bare/published/README.md").read_text()
+    card = (store.root / "bare/publish/README.md").read_text()
     assert "Stages that ran: ingest." in card and "language:" not in card
 
 
@@ -267,13 +268,13 @@ def test_republish_replaces_the_release_and_removes_stale_shards(store):
     copy_raw(store, "bare", "again")
     first = publish_inline(store, "again", DatasetSpec(name="again", publish=PublishConfig(shard_size=1)))
     assert len(first["shards"]) == 6 and first["stale_removed"] == []
-    tars = sorted(k for k in store.list("again/published") if k.endswith(".tar"))
+    tars = sorted(k for k in store.list("again/publish") if k.endswith(".tar"))
     assert tars == first["shards"]
     second = publish_inline(store, "again", DatasetSpec(name="again", publish=PublishConfig(
         shard_size=4, caption_field="caption_dense")))
     assert len(second["shards"]) == 2 and len(second["stale_removed"]) == 4
-    assert sorted(k for k in store.list("again/published") if k.endswith(".tar")) == second["shards"]
-    marker = json.loads((store.root / "again/published/_published.json").read_text())
+    assert sorted(k for k in store.list("again/publish") if k.endswith(".tar")) == second["shards"]
+    marker = json.loads((store.root / "again/publish/_published.json").read_text())
     assert marker["shards"] == second["shards"] and marker["config_hash"] != first["config_hash"]
 
 
@@ -282,22 +283,22 @@ def test_a_selected_sample_without_its_image_fails_the_shard(store):
 
     copy_raw(store, "bare", "broken")
     spec = DatasetSpec(name="broken")
-    with tarfile.open(store.root / "broken/raw/shard-00000.tar", "w"):
+    with tarfile.open(store.root / "broken/ingest/shard-00000.tar", "w"):
         pass  # an empty raw tar: its images are gone
     plan = plan_publish(store.uri, "broken", spec)
     with pytest.raises(RuntimeError, match="no image in their raw tar"):
         publish_shard(store.uri, "broken", 0, plan["plan"], spec.publish)
-    assert not store.exists("broken/published/_published.json")
+    assert not store.exists("broken/publish/_published.json")
 
 
 @pytest.mark.slow
 def test_publish_flow_on_a_local_cluster(store):
-    from flows.publish import run_publish
+    from flows.stage import run_stage
 
     copy_raw(store, "bare", "flow")
     add_stages(store, "flow", [0, 1, 2])
-    spec = DatasetSpec(name="flow", quality=QUALITY, publish=PublishConfig(shard_size=2))
-    result = run_publish("flow", store=store.uri, spec=spec, workers=1)
+    spec = DatasetSpec(name="flow", score=QUALITY, publish=PublishConfig(shard_size=2))
+    result = run_stage("publish", spec.model_copy(update={"store": store.uri}), workers=1)
     assert result["selected"] == 4 and len(result["shards"]) == 2
     assert all(store.exists(k) for k in result["shards"])
-    assert pq.read_table(store.root / "flow/published/samples.parquet").num_rows == 8
+    assert pq.read_table(store.root / "flow/publish/samples.parquet").num_rows == 8

@@ -51,7 +51,7 @@ def check_in_chromium(page_path: Path, screenshot: Path) -> dict:
 
 
 def test_report_of_a_full_dataset(store, tmp_path):
-    result = write_report(store, "full", DatasetSpec(name="full", quality=QUALITY))
+    result = write_report(store, "full", DatasetSpec(name="full", score=QUALITY))
     page_path = Path(result["path"])
     text = page_path.read_text()
     assert result["key"] == "full/report/index.html" and all(result["sections"].values())
@@ -70,7 +70,7 @@ def test_report_of_a_full_dataset(store, tmp_path):
 def test_report_of_an_ingest_only_dataset_says_which_stages_did_not_run(store, tmp_path):
     result = write_report(store, "bare", DatasetSpec(name="bare"))
     text = Path(result["path"]).read_text()
-    for stage in ("Score", "Translate", "Experts (OCR)", "Fuse"):
+    for stage in ("Score", "Translate", "Extract (OCR)", "Fuse"):
         assert f"{stage} stage not run." in text, stage
     assert not result["sections"]["Scores"] and not result["sections"]["OCR coverage"]
     assert result["sections"]["Gallery"] and result["selected"] == 6
@@ -84,7 +84,7 @@ def test_thresholds_follow_the_filters():
 
     table = pa.table({"clip_short": pa.array([0.1, 0.4, 0.3, None, 0.2], pa.float32())})
     cfg = ScoreConfig(filters=ScoreConfig.Filters(clip_min="laion", clip_top_percent={"short": 50},
-                                                      nsfw_max=0.5))
+                                                  nsfw_max=0.5))
     lines = thresholds(cfg, table)
     assert lines["clip_alt"] == [("LAION min (English)", 0.28), ("LAION min (other)", 0.26)]
     assert lines["clip_short"][0][0] == "top 50% cut-off" and lines["clip_short"][0][1] == pytest.approx(0.3)
@@ -93,7 +93,7 @@ def test_thresholds_follow_the_filters():
 
 @pytest.mark.slow
 def test_report_flow_on_a_local_cluster(store):
-    from flows.report import run_report
+    from flows.stage import run_stage
 
-    result = run_report("bare", store=store.uri, spec=DatasetSpec(name="bare"), workers=1)
+    result = run_stage("report", DatasetSpec(name="bare", store=store.uri), workers=1)
     assert Path(result["path"]).is_file() and result["samples"] == 8

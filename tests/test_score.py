@@ -21,7 +21,8 @@ from infra.settings import DownloadConfig, IngestConfig, InputSpec, ScoreConfig
 from infra.store import LocalStore
 from tasks.fuse import FUSED_SCHEMA
 from tasks.ingest import ingest_shard, plan_ingest
-from tasks.score import EMBEDDINGS, STAGE, language, plan_scores, score_shard, shards_to_score
+from tasks.lib.langid import detect_with_prob
+from tasks.score import EMBEDDINGS, ScoreStage, plan_scores
 from tasks.shards import stage_key, write_marker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,11 +53,11 @@ def test_nsfw_missing_model_file_is_a_clear_error(tmp_path):
 
 
 def test_language_of_alt_text():
-    assert language("A dog sleeping on a red couch next to a cat.")[0] == "en"
-    assert language("Um cachorro dormindo no sofá vermelho ao lado de um gato.")[0] == "pt"
-    lang, prob = language("Ein Hund schläft auf dem roten Sofa neben einer Katze.")
+    assert detect_with_prob("A dog sleeping on a red couch next to a cat.")[0] == "en"
+    assert detect_with_prob("Um cachorro dormindo no sofá vermelho ao lado de um gato.")[0] == "pt"
+    lang, prob = detect_with_prob("Ein Hund schläft auf dem roten Sofa neben einer Katze.")
     assert lang == "de" and 0.5 < prob <= 1.0
-    assert language("  ") == (None, None) and language(None) == (None, None)
+    assert detect_with_prob("  ") == (None, None) and detect_with_prob(None) == (None, None)
 
 
 # ---- a real ingested shard -------------------------------------------------------------------------------------
@@ -80,11 +81,11 @@ def coco(tmp_path_factory) -> tuple[LocalStore, dict[str, str]]:
         cfg = IngestConfig(shard_size=100, download=DownloadConfig(allow_cidrs=("127.0.0.0/8",), retries=0))
         plan_ingest(store, "coco", [InputSpec(path=str(tmp / "urls.parquet"))], cfg)
         ingest_shard(store.uri, "coco", 0, cfg)
-    raw = store.get_parquet(stage_key("coco", "raw", 0, "parquet")).to_pylist()
+    raw = store.get_parquet(stage_key("coco", "ingest", 0, "parquet")).to_pylist()
     keys = {r["url"].rsplit("/", 1)[-1]: r["key"] for r in raw}
     # Corrupt p5's stored image in the tar (as a bad disk or a truncated copy would).
     local = tmp / "shard.tar"
-    store.get_file(stage_key("coco", "raw", 0, "tar"), local)
+    store.get_file(stage_key("coco", "ingest", 0, "tar"), local)
     with tarfile.open(local) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
     with tarfile.open(local, "w") as tar:
@@ -93,12 +94,12 @@ def coco(tmp_path_factory) -> tuple[LocalStore, dict[str, str]]:
                 data = data[:200]
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
-    store.put_file(stage_key("coco", "raw", 0, "tar"), local)
+    store.put_file(stage_key("coco", "ingest", 0, "tar"), local)
     return store, keys
 
 
 def rows_by_key(store: LocalStore) -> dict[str, dict]:
-    return {r["key"]: r for r in store.get_parquet(stage_key("coco", STAGE, 0, "parquet")).to_pylist()}
+    return {r["key"]: r for r in store.get_parquet(stage_key("coco", "score", 0, "parquet")).to_pylist()}
 
 
 def test_score_shard_on_ingest_only_with_clip_off(coco):
@@ -106,7 +107,7 @@ def test_score_shard_on_ingest_only_with_clip_off(coco):
     store, keys = coco
     cfg = ScoreConfig()
     assert plan_scores(cfg).clip is None and "off" in plan_scores(cfg).summary["clip"]
-    stats = score_shard(store.uri, "coco", 0, cfg)
+    stats = ScoreStage(cfg).run_shard(store.uri, "coco", 0)
     rows = rows_by_key(store)
     assert len(rows) == 8 and stats["counts"] == {"ok": 6, "error": 1, "skipped": 1}
     failed = rows[keys["not-found-image.jpg"]]
@@ -123,30 +124,30 @@ def test_score_shard_on_ingest_only_with_clip_off(coco):
     assert 0.5 < rows[keys["p1.jpg"]]["lang_alt_prob"] <= 1
     assert not store.exists(stage_key("coco", EMBEDDINGS, 0, "parquet"))
     assert dict(rows[keys["p1.jpg"]]["provenance"])["nsfw"].startswith("open_nsfw:")
-    assert shards_to_score(store, "coco", cfg) == ([], [0], [])
+    assert ScoreStage(cfg).status(store, "coco") == ([], [0], [])
 
 
 def add_fused(store: LocalStore, suffix: str) -> None:
     """A fused shard (as the fuse stage writes it) with captions ending in `suffix`, and its done marker."""
-    raw = store.get_parquet(stage_key("coco", "raw", 0, "parquet")).to_pylist()
+    raw = store.get_parquet(stage_key("coco", "ingest", 0, "parquet")).to_pylist()
     rows = [{**{n: None for n in FUSED_SCHEMA.names}, "key": r["key"], "status": "ok", "alt_text": r["alt_text"],
              "caption_short": f"{r['alt_text']} {suffix}", "caption_dense": f"A detailed view. {suffix}"}
             for r in raw]
-    store.put_parquet(stage_key("coco", "fused", 0, "parquet"), pa.Table.from_pylist(rows, FUSED_SCHEMA))
-    write_marker(store, "coco", "fused", 0, {"shard": 0, "config_hash": suffix})
+    store.put_parquet(stage_key("coco", "fuse", 0, "parquet"), pa.Table.from_pylist(rows, FUSED_SCHEMA))
+    write_marker(store, "coco", "fuse", 0, {"shard": 0, "config_hash": suffix})
 
 
 def test_clip_embeddings_are_computed_once_and_reused_when_captions_change(coco, tiny_clip, monkeypatch):
     store, keys = coco
     cfg = ScoreConfig(clip={"backend": "open_clip", "model": tiny_clip, "pretrained": None}, nsfw=False,
-                        batch_size=2)
+                      batch_size=2)
     scorer = load_backend("clip", "open_clip", **plan_scores(cfg).clip[1])
     calls: list[int] = []
     original = scorer.image_embeddings
     monkeypatch.setattr(scorer, "image_embeddings", lambda images: calls.append(len(images)) or original(images))
 
     add_fused(store, "v1")
-    first = score_shard(store.uri, "coco", 0, cfg)
+    first = ScoreStage(cfg).run_shard(store.uri, "coco", 0)
     assert calls == [5] and first["images_embedded"] == 5 and first["embeddings_reused"] == 0
     rows = rows_by_key(store)
     emb = store.get_parquet(stage_key("coco", EMBEDDINGS, 0, "parquet"))
@@ -165,17 +166,17 @@ def test_clip_embeddings_are_computed_once_and_reused_when_captions_change(coco,
 
     # Re-fused captions: the shard is due again; the images are not embedded again, only texts are.
     add_fused(store, "v2")
-    assert shards_to_score(store, "coco", cfg)[0] == [0]
-    second = score_shard(store.uri, "coco", 0, cfg)
+    assert ScoreStage(cfg).status(store, "coco")[0] == [0]
+    second = ScoreStage(cfg).run_shard(store.uri, "coco", 0)
     assert calls == [5] and second["images_embedded"] == 0 and second["embeddings_reused"] == 5
     again = rows_by_key(store)
     assert again[keys["p1.jpg"]]["clip_alt"] == row["clip_alt"]
     assert again[keys["p1.jpg"]]["clip_short"] != row["clip_short"]
-    assert shards_to_score(store, "coco", cfg)[0] == []
+    assert ScoreStage(cfg).status(store, "coco")[0] == []
 
 
 def row_alt(store: LocalStore, key: str) -> str:
-    raw = store.get_parquet(stage_key("coco", "raw", 0, "parquet")).to_pylist()
+    raw = store.get_parquet(stage_key("coco", "ingest", 0, "parquet")).to_pylist()
     return next(r["alt_text"] for r in raw if r["key"] == key)
 
 
@@ -189,11 +190,11 @@ def test_translations_are_scored_by_the_multilingual_model(coco, tiny_clip):
     table = pa.table({"key": [r["key"] for r in rows], "field": [r["field"] for r in rows],
                       "lang": [r["lang"] for r in rows], "text": pa.array([r["text"] for r in rows], pa.string()),
                       "status": ["ok", "flagged", "error"]})
-    store.put_parquet(stage_key("coco", "translated", 0, "parquet"), table)
-    write_marker(store, "coco", "translated", 0, {"shard": 0, "config_hash": "t"})
+    store.put_parquet(stage_key("coco", "translate", 0, "parquet"), table)
+    write_marker(store, "coco", "translate", 0, {"shard": 0, "config_hash": "t"})
     tiny = {"model": tiny_clip, "pretrained": None}
     cfg = ScoreConfig(clip={"backend": "open_clip", **tiny}, clip_translations=tiny, nsfw=False)
-    stats = score_shard(store.uri, "coco", 0, cfg)
+    stats = ScoreStage(cfg).run_shard(store.uri, "coco", 0)
     assert stats["images_embedded"] == 0  # same model id: the stored embeddings serve both roles
     out = rows_by_key(store)
     entries = out[keys["p1.jpg"]]["clip_translations"]
@@ -202,7 +203,7 @@ def test_translations_are_scored_by_the_multilingual_model(coco, tiny_clip):
     assert out[keys["p3.jpg"]]["clip_translations"] == []
     assert [(e["field"], e["lang"]) for e in out[keys["p2.jpg"]]["clip_translations"]] == [("alt_text", "pt")]
     assert out[keys["not-found-image.jpg"]]["clip_translations"] is None
-    store.delete(stage_key("coco", "translated", 0, "stats.json"))
+    store.delete(stage_key("coco", "translate", 0, "stats.json"))
 
 
 def test_missing_clip_weights_are_a_clear_error_at_plan_time(tmp_path, monkeypatch):

@@ -12,25 +12,19 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from infra.languages import MC4_SHARES, canonical_language
 from infra.models import ModelUnavailable
 from infra.settings import SpecError, TranslateConfig, build_spec
 from infra.store import LocalStore
 from tasks.shards import input_key, stage_key, write_marker
+from tasks.stage import StageError
 from tasks.translate import (
-    MAX_SEGMENT_CHARS,
-    MAX_SOURCE_CHARS,
-    MC4_SHARES,
-    STAGE,
-    canonical_language,
-    check_translation,
+    TranslateStage,
     choose_languages,
     language_weights,
     plan_translation,
-    prepare_source,
-    shards_to_translate,
-    split_sentences,
-    translate_shard,
 )
+from tasks.translation_qe import MAX_SEGMENT_CHARS, MAX_SOURCE_CHARS, check_translation, prepare_source, split_sentences
 from tasks.translators import build_messages, clean_output
 
 MT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt"
@@ -196,14 +190,14 @@ def write_dataset(store: LocalStore, rows: list[dict], fused: bool = True) -> No
     caption_short, caption_dense, status}."""
     keys = [r["key"] for r in rows]
     store.put_parquet(input_key("d", 0), pa.table({"key": keys}))
-    store.put_parquet(stage_key("d", "raw", 0, "parquet"), pa.table({
+    store.put_parquet(stage_key("d", "ingest", 0, "parquet"), pa.table({
         "key": keys, "status": [r.get("status", "ok") for r in rows], "alt_text": [r.get("alt_text") for r in rows]}))
-    write_marker(store, "d", "raw", 0, {"samples": len(rows), "config_hash": "raw"})
+    write_marker(store, "d", "ingest", 0, {"samples": len(rows), "config_hash": "raw"})
     if fused:
-        store.put_parquet(stage_key("d", "fused", 0, "parquet"), pa.table({
+        store.put_parquet(stage_key("d", "fuse", 0, "parquet"), pa.table({
             "key": keys, "caption_short": [r.get("caption_short") for r in rows],
             "caption_dense": [r.get("caption_dense") for r in rows]}))
-        write_marker(store, "d", "fused", 0, {"samples": len(rows), "config_hash": "fused"})
+        write_marker(store, "d", "fuse", 0, {"samples": len(rows), "config_hash": "fused"})
 
 
 BAD_INPUT = [
@@ -221,9 +215,9 @@ def test_translate_shard_with_bergamot_bad_input_and_cache(tmp_path):
     store = LocalStore(tmp_path)
     write_dataset(store, BAD_INPUT)
     cfg = TranslateConfig(fields=("caption_short", "caption_dense"), languages=("pt",))
-    assert shards_to_translate(store, "d", cfg) == ([0], [], [])
-    stats = translate_shard(store.uri, "d", 0, cfg)
-    rows = store.get_parquet(stage_key("d", STAGE, 0, "parquet")).to_pylist()
+    assert TranslateStage(cfg).status(store, "d") == ([0], [], [])
+    stats = TranslateStage(cfg).run_shard(store.uri, "d", 0)
+    rows = store.get_parquet(stage_key("d", "translate", 0, "parquet")).to_pylist()
     by = {(r["key"], r["field"]): r for r in rows}
     assert sorted(by) == [("a", "caption_dense"), ("a", "caption_short"), ("c", "caption_short"),
                           ("d", "caption_short"), ("e", "caption_short")]
@@ -246,31 +240,32 @@ def test_translate_shard_with_bergamot_bad_input_and_cache(tmp_path):
         prov["config_hash"] == cfg.config_hash() and prov["cache"] == "miss"
     assert short["qe_chrf_roundtrip"] is None and stats["translator_calls"] > 5  # the dense caption is 3 segments
 
-    assert shards_to_translate(store, "d", cfg) == ([], [0], [])
+    assert TranslateStage(cfg).status(store, "d") == ([], [0], [])
     # Other QE thresholds and the round trip on: no forward translation again, only the back translations.
     strict = cfg.model_copy(update={"round_trip": True, "max_length_ratio": 1.5})
-    again = translate_shard(store.uri, "d", 0, strict)
+    again = TranslateStage(strict).run_shard(store.uri, "d", 0)
     assert again["cache_hits"] == 5 and again["translator_calls"] > 0
-    rows2 = {(r["key"], r["field"]): r for r in store.get_parquet(stage_key("d", STAGE, 0, "parquet")).to_pylist()}
+    rows2 = {(r["key"], r["field"]): r
+             for r in store.get_parquet(stage_key("d", "translate", 0, "parquet")).to_pylist()}
     assert all(r["text"] == by[k]["text"] for k, r in rows2.items())
     assert rows2[("a", "caption_short")]["qe_chrf_roundtrip"] > 35
     # A third run reuses translations and round-trip scores: zero translator calls.
-    third = translate_shard(store.uri, "d", 0, strict.model_copy(update={"min_chrf": 50.0}))
+    third = TranslateStage(strict.model_copy(update={"min_chrf": 50.0})).run_shard(store.uri, "d", 0)
     assert third["translator_calls"] == 0 and third["cache_hits"] == 5
 
     # Re-fusing invalidates the translated shard.
-    write_marker(store, "d", "fused", 0, {"samples": 6, "config_hash": "fused-again"})
-    assert shards_to_translate(store, "d", cfg)[0] == [0]
+    write_marker(store, "d", "fuse", 0, {"samples": 6, "config_hash": "fused-again"})
+    assert TranslateStage(cfg).status(store, "d")[0] == [0]
 
 
 def test_never_fused_dataset_fails_at_plan_time_and_alt_text_does_not_need_fusion(tmp_path):
     store = LocalStore(tmp_path)
     write_dataset(store, [{"key": "a", "alt_text": "Two children play football in a park."}], fused=False)
-    with pytest.raises(ValueError, match="never fused: run `capfactory fuse --dataset d`"):
-        shards_to_translate(store, "d", TranslateConfig())
+    with pytest.raises(StageError, match="never fused: run `capfactory fuse --dataset d`"):
+        TranslateStage(TranslateConfig()).preflight(store, "d")
     cfg = TranslateConfig(fields=("alt_text",))
-    assert shards_to_translate(store, "d", cfg) == ([0], [], [])
-    stats = translate_shard(store.uri, "d", 0, cfg)
+    assert TranslateStage(cfg).status(store, "d") == ([0], [], [])
+    stats = TranslateStage(cfg).run_shard(store.uri, "d", 0)
     assert stats["counts"] == {"ok": 1}
 
 
@@ -314,8 +309,8 @@ def test_openai_translator_against_llama_cpp_server(llama_server, tmp_path):
     write_dataset(store, [{"key": "a", "caption_short": texts[0]}, {"key": "e", "caption_short": INJECTED}])
     cfg = TranslateConfig(backend="openai", endpoint=llama_server.url, model=llama_server.alias, concurrency=2,
                           languages=("pt",))
-    stats = translate_shard(store.uri, "d", 0, cfg)
-    rows = {r["key"]: r for r in store.get_parquet(stage_key("d", STAGE, 0, "parquet")).to_pylist()}
+    stats = TranslateStage(cfg).run_shard(store.uri, "d", 0)
+    rows = {r["key"]: r for r in store.get_parquet(stage_key("d", "translate", 0, "parquet")).to_pylist()}
     assert stats["rows"] == 2 and stats["provenance"]["backend"] == "openai"
     injected = rows["e"]
     # The injected instruction is translated as text or flagged, never accepted as a clean translation.

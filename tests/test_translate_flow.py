@@ -13,11 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from infra.loopback_server import ImageServer
-from infra.settings import DownloadConfig, IngestConfig, InputSpec, TranslateConfig
+from infra.settings import DatasetSpec, DownloadConfig, IngestConfig, InputSpec, TranslateConfig
 from infra.store import LocalStore
 from tasks.ingest import ingest_shard, plan_ingest
 from tasks.shards import stage_key
-from tasks.translate import STAGE
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO.parent / "shared" / "data" / "photos"
@@ -44,15 +43,16 @@ def coco_dataset(photos, tmp_path_factory):
 
 @pytest.mark.slow
 def test_translate_flow_alt_text_en_pt_on_a_local_cluster(coco_dataset):
-    from flows.translate import run_translate
+    from flows.stage import run_stage
 
     store, alts = coco_dataset
     cfg = TranslateConfig(fields=("alt_text",), languages=("por_Latn",))
-    result = run_translate("coco", store=store.uri, config=cfg, workers=1)
-    assert result["shards_translated"] == [0] and result["shards_failed"] == []
+    spec = DatasetSpec(name="coco", store=store.uri, translate=cfg)
+    result = run_stage("translate", spec, workers=1)
+    assert result["shards_run"] == [0] and result["shards_failed"] == []
     assert sum(result["counts"].values()) == 5 and result["languages"] == {"pt": 5}  # not the failed download
     assert result["provenance"]["backend"] == "bergamot" and result["cache_hits"] == 0
-    rows = store.get_parquet(stage_key("coco", STAGE, 0, "parquet")).to_pylist()
+    rows = store.get_parquet(stage_key("coco", "translate", 0, "parquet")).to_pylist()
     assert sorted(r["source_text"] for r in rows) == sorted(alts)
     for r in rows:
         assert r["field"] == "alt_text" and r["lang"] == "pt" and r["text"] and r["text"] != r["source_text"]
@@ -61,8 +61,8 @@ def test_translate_flow_alt_text_en_pt_on_a_local_cluster(coco_dataset):
     # Human COCO captions translate cleanly: at least 4 of 5 pass QE (all 5 did here).
     assert result["counts"].get("ok", 0) >= 4
 
-    again = run_translate("coco", store=store.uri, config=cfg, workers=1)
-    assert again["shards_translated"] == [] and again["shards_already_done"] == [0]
+    again = run_stage("translate", spec, workers=1)
+    assert again["shards_run"] == [] and again["shards_already_done"] == [0]
 
 
 def test_cli_translate_of_a_never_fused_dataset_names_the_fuse_command(coco_dataset):

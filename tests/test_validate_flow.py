@@ -49,52 +49,53 @@ def ingested(tmp_path_factory, photos) -> LocalStore:
 
 
 def _add_scores(store: LocalStore, nsfw_of_first: float) -> str:
-    raw = store.get_parquet(stage_key("val", "raw", 0, "parquet")).to_pylist()
+    raw = store.get_parquet(stage_key("val", "ingest", 0, "parquet")).to_pylist()
     rows = [{"key": r["key"], "status": "ok" if r["status"] == "ok" else "skipped", "error": None,
              "clip_alt": 0.31 if r["status"] == "ok" else None, "clip_short": None, "clip_dense": None,
              "clip_translations": None, "nsfw": 0.01 if r["status"] == "ok" else None, "lang_alt": "en",
              "lang_alt_prob": 0.9, "lang_short": None, "lang_dense": None, "provenance": [("nsfw", "opennsfw")]}
             for r in raw]
     rows[0]["nsfw"] = nsfw_of_first
-    store.put_parquet(stage_key("val", "scores", 0, "parquet"), pa.Table.from_pylist(rows, SCORES_SCHEMA))
-    write_marker(store, "val", "scores", 0, {"shard": 0, "samples": len(rows), "config_hash": "test"})
+    store.put_parquet(stage_key("val", "score", 0, "parquet"), pa.Table.from_pylist(rows, SCORES_SCHEMA))
+    write_marker(store, "val", "score", 0, {"shard": 0, "samples": len(rows), "config_hash": "test"})
     return rows[0]["key"]
 
 
 @pytest.mark.slow
 def test_validate_flow_modes_skips_and_data_docs(ingested):
-    from flows.validate import run_validate
+    from flows.stage import run_stage
 
     store = ingested
-    result = run_validate("val", store=store.uri, workers=1)
-    assert list(result["suites"]) == ["raw"] and result["validated"] == {"raw": [0]}
-    assert result["skipped_suites"] == ["experts", "fused", "translated", "scores"]
-    assert result["suites"]["raw"] == {"shards": 1, "passed": 1, "failed_shards": [], "rows": 4,
+    spec = DatasetSpec(name="val", store=store.uri)
+    result = run_stage("validate", spec, workers=1)
+    assert list(result["suites"]) == ["ingest"] and result["validated"] == {"ingest": [0]}
+    assert result["skipped_suites"] == ["extract", "fuse", "translate", "score"]
+    assert result["suites"]["ingest"] == {"shards": 1, "passed": 1, "failed_shards": [], "rows": 4,
                                        "quarantined_rows": 0, "failing_expectations": {}}
     assert result["data_docs"] == f"{docs_prefix('val')}/index.html" and store.exists(result["data_docs"])
-    assert store.get_json(summary_key("val"))["suites"]["raw"]["passed"] == 1
+    assert store.get_json(summary_key("val"))["suites"]["ingest"]["passed"] == 1
 
-    # A scores shard arrives with one NSFW score out of range: only it is validated; its row is set aside.
+    # A score shard arrives with one NSFW score out of range: only it is validated; its row is set aside.
     bad = _add_scores(store, nsfw_of_first=1.5)
-    result = run_validate("val", store=store.uri, workers=1)
-    assert result["validated"] == {"raw": [], "scores": [0]} and result["already_validated"]["raw"] == [0]
-    assert result["suites"]["scores"]["quarantined_rows"] == 1
-    assert result["suites"]["scores"]["failing_expectations"] == {"expect_column_values_to_be_between(nsfw)": 1}
+    result = run_stage("validate", spec, workers=1)
+    assert result["validated"] == {"ingest": [], "score": [0]} and result["already_validated"]["ingest"] == [0]
+    assert result["suites"]["score"]["quarantined_rows"] == 1
+    assert result["suites"]["score"]["failing_expectations"] == {"expect_column_values_to_be_between(nsfw)": 1}
     assert quarantined_keys(store, "val") == {bad}
     index = store.get_bytes(result["data_docs"]).decode()
-    assert "scores" in index and "raw" in index
-    pages = [k for k in store.list(docs_prefix("val")) if "/validations/scores/" in k]
+    assert "score" in index and "ingest" in index
+    pages = [k for k in store.list(docs_prefix("val")) if "/validations/score/" in k]
     assert pages and "nsfw" in store.get_bytes(pages[0]).decode()
 
     # Fail mode: the run fails and says where and why.
-    with pytest.raises(ValidationFailed, match=r"suite 'scores' failed on shard 00000 of val: "
+    with pytest.raises(ValidationFailed, match=r"suite 'score' failed on shard 00000 of val: "
                                                 r"expect_column_values_to_be_between\(nsfw\): 1 rows, e\.g\. \[1\.5\]"):
-        run_validate("val", store=store.uri, spec=DatasetSpec(name="val", validation={"on_failure": "fail"}),
-                     workers=1)
+        run_stage("validate", DatasetSpec(name="val", store=store.uri, validation={"on_failure": "fail"}),
+                  workers=1)
 
 
 def test_cli_validate_of_an_unknown_dataset_exits_with_the_reason(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "validate", "--dataset", "nothing", "--store",
                            str(tmp_path), "--on-failure", "explode"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 2 and "validation.on_failure" in proc.stderr
+    assert proc.returncode == 2 and "validate.on_failure" in proc.stderr

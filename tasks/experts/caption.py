@@ -35,4 +35,4 @@ class CaptionExpert(Expert):
         for row, (caption, error) in zip(rows, self.models["captioner"].caption_batch(images), strict=True):
             row["caption_synthetic"] = caption
             if error:
-                row["status"], row["error"] = "error", f"captioner: {error}"
+                row["status"], row["error"] = "error", f"captioner: {error}"  # tasks.extract.CAPTIONER_ERROR

@@ -54,15 +54,15 @@ def retry_after_seconds(value: str | None) -> float | None:
         return None
 
 
-def server_address(endpoint: str, role: str, backend: str, setting: str) -> tuple[str, str]:
-    """(base URL without a trailing slash, host[:port]) of an OpenAI-compatible server; ModelUnavailable (for
+def server_address(endpoint: str, role: str, backend: str, setting: str) -> str:
+    """The base URL (without a trailing slash) of an OpenAI-compatible server; ModelUnavailable (for
     `role`/`backend`, naming the `setting`) when `endpoint` is not an http(s) base URL."""
     parts = urlsplit(endpoint.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ModelUnavailable(
             role, backend, f"{setting} {endpoint!r} is not an http(s) base URL (e.g. http://vllm:8000/v1)"
         )
-    return endpoint.strip().rstrip("/"), parts.hostname + (f":{parts.port}" if parts.port else "")
+    return endpoint.strip().rstrip("/")
 
 
 def json_headers(api_key_env: str) -> dict[str, str]:
@@ -136,18 +136,45 @@ def chat_session(concurrency: int, timeout: float, headers: dict[str, str]) -> a
                                  cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
 
 
+class CircuitBreaker:
+    """Once `threshold` requests in a row have failed (after their retries), the requests still to come fail at
+    once: a dead or hanging server costs a few timeouts, not a timeout per request."""
+
+    def __init__(self, threshold: int = 8):
+        self.threshold, self.failures, self.last = threshold, 0, None
+
+    def refusal(self) -> str | None:
+        if self.failures < self.threshold:
+            return None
+        return f"circuit_open: {self.failures} requests in a row failed (last: {self.last}); not sent"
+
+    def record(self, error: str | None) -> None:
+        self.failures, self.last = (self.failures + 1, error) if error else (0, self.last)
+
+
 async def with_retries(attempt: Callable[[], Awaitable[_T]], *, retries: int, backoff: float, max_backoff: float,
-                       max_retry_after: float) -> tuple[_T | None, str | None, int]:
+                       max_retry_after: float, breaker: CircuitBreaker | None = None
+                       ) -> tuple[_T | None, str | None, int]:
     """Await `attempt()` until it succeeds, retrying transient AttemptErrors with exponential backoff and jitter
-    (at least Retry-After, capped). Returns (result, None, attempts) or (None, error message, attempts)."""
+    (at least Retry-After, capped); with an open `breaker` nothing more is sent. Returns (result, None, attempts)
+    or (None, error message, attempts)."""
     n = 0
     while True:
+        refused = breaker.refusal() if breaker else None
+        if refused:
+            return None, refused, n
         n += 1
         try:
-            return await attempt(), None, n
+            result = await attempt()
+            if breaker:
+                breaker.record(None)
+            return result, None, n
         except AttemptError as e:
             if not e.transient or n > retries:
-                return None, f"{e}" + (f" (after {n} attempts)" if n > 1 else ""), n
+                error = f"{e}" + (f" (after {n} attempts)" if n > 1 else "")
+                if breaker:
+                    breaker.record(error)
+                return None, error, n
             delay = min(max_backoff, backoff * 2 ** (n - 1)) * (1 + random.random() / 4)
             if e.retry_after is not None:
                 delay = max(delay, min(e.retry_after, max_retry_after))
@@ -163,3 +190,37 @@ def run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
         return asyncio.run(coro)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="capfactory-caption") as pool:
         return pool.submit(asyncio.run, coro).result()
+
+
+def server_options(role: str, section: str, cfg) -> dict:
+    """The options of an `openai` backend from a stage config with endpoint, model, concurrency and timeout;
+    ModelUnavailable (naming the spec fields) when the server is not named."""
+    if not (cfg.endpoint and cfg.model):
+        raise ModelUnavailable(role, "openai", f"set {section}.endpoint (an OpenAI-compatible server such as `vllm "
+                               f"serve` or llama.cpp's server) and {section}.model")
+    return {"endpoint": cfg.endpoint, "model": cfg.model, "concurrency": cfg.concurrency, "timeout": cfg.timeout}
+
+
+async def _probe(url: str, body: bytes, headers: dict[str, str], timeout: float) -> None:
+    async with chat_session(1, timeout, headers) as session:
+        message_text(await post_chat(session, url, body, timeout))
+
+
+def check_server(endpoint: str, model: str, headers: dict[str, str], *, role: str, api_key_env: str,
+                 timeout: float = 30.0) -> None:
+    """One 1-token chat completion, once, before any shard: a server that is down, hangs, refuses the key or lacks
+    the model fails here with what to do (ModelUnavailable), instead of failing every sample of every shard."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 1,
+                       "temperature": 0}).encode()
+    try:
+        run_sync(_probe(endpoint + "/chat/completions", body, headers, timeout))
+    except AttemptError as e:
+        kind = str(e).split(":", 1)[0]
+        how = {
+            "http_401": f"the server refused the API key: set {api_key_env} ({e})",
+            "http_403": f"the server refused the API key: set {api_key_env} ({e})",
+            "http_404": f"the server at {endpoint} does not serve model {model!r} ({e})",
+            "timeout": f"{endpoint} took the request but gave no answer to a 1-token completion within {timeout:.0f} s",
+            "connection": f"cannot connect to {endpoint} ({e})",
+        }.get(kind, f"{endpoint} is not a working OpenAI-compatible server: {e}")
+        raise ModelUnavailable(role, "openai", how) from None
