@@ -23,6 +23,9 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 IMAGE_LIKE_TYPES = ("application/octet-stream", "binary/octet-stream", "application/binary")
 MAX_RETRY_AFTER = 30.0
+# robots.txt failures that say the host itself cannot be reached: the sample records that class, not
+# robots_unavailable (the robots.txt outcome stays in the error text).
+HOST_FAILURES = frozenset({"bad_url", "dns", "connect"})
 
 
 @dataclass(slots=True)
@@ -129,7 +132,8 @@ class Downloader:
                     try:
                         reason = await self.robots.refusal(current)
                     except RobotsUnavailable as e:
-                        raise FetchError("robots_unavailable", str(e)) from None
+                        cls = e.cause_class if e.cause_class in HOST_FAILURES else "robots_unavailable"
+                        raise FetchError(cls, str(e)) from None
                     if reason:
                         raise FetchError("robots_txt", reason, status="opted_out")
                 async with self.session.get(current, allow_redirects=False) as resp:

@@ -32,6 +32,9 @@ _SIGNATURES = (
 )
 _ENCODE = {"jpg": ("JPEG", "jpg"), "webp": ("WEBP", "webp"), "png": ("PNG", "png")}
 _ORIENTATION_SWAPS = {5, 6, 7, 8}
+# Fitting the short side of a thin image (50000x2) to image_size would ask for a 6.4M x 256 output: gigabytes, and
+# beyond what JPEG (65500) or WebP (16383) can encode. The long side of an output is capped at this x image_size.
+MAX_OUTPUT_ASPECT = 50
 
 
 class ImageError(Exception):
@@ -79,6 +82,8 @@ def target_size(w: int, h: int, cfg: ImageConfig) -> tuple[int, int]:
         return w, h
     # keep_ratio / center_crop fit the smaller side; keep_ratio_largest / border fit the larger side.
     scale = size / min(w, h) if mode in ("keep_ratio", "center_crop") else size / max(w, h)
+    # Bounded before any decode: the long side (see MAX_OUTPUT_ASPECT) and the pixel count (the input's limit).
+    scale = min(scale, size * MAX_OUTPUT_ASPECT / max(w, h), (cfg.max_image_pixels / (w * h)) ** 0.5)
     if cfg.resize_only_if_bigger and scale >= 1:
         return w, h
     return max(1, round(w * scale)), max(1, round(h * scale))
@@ -188,7 +193,10 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
     fmt, ext = _ENCODE[cfg.encode_format]
     buf = io.BytesIO()
     params = {"quality": cfg.encode_quality} if fmt in ("JPEG", "WEBP") else {}
-    out.save(buf, fmt, **params)
+    try:
+        out.save(buf, fmt, **params)
+    except (OSError, ValueError) as e:  # e.g. a "no" resize_mode side beyond the encoder's limit
+        raise ImageError("encode_error", f"cannot encode {out.width}x{out.height} as {fmt}: {e}") from None
     return ProcessedImage(
         data=buf.getvalue(), ext=ext, width=out.width, height=out.height, original_width=ow, original_height=oh,
         sha256=sha, phash=phash_hex(hash_value), source_format=kind, original_bytes=len(data),

@@ -118,6 +118,14 @@ def _read_local(url: str, max_bytes: int) -> FetchResult:
         return FetchResult("error", error=f"cannot read {path}: {e.strerror}", error_class="file_error")
 
 
+def _internal_error(e: Exception, fetched: FetchResult | None = None) -> FetchResult:
+    """An unexpected exception as the sample's recorded error: one bad sample never fails its shard."""
+    fetched = fetched or FetchResult("error")
+    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    fetched.status, fetched.error_class, fetched.error = "error", "internal", text[:500]
+    return fetched
+
+
 def _process(fetched: FetchResult, cfg: IngestConfig) -> SampleResult:
     if fetched.status != "ok":
         return SampleResult(fetched)
@@ -126,6 +134,8 @@ def _process(fetched: FetchResult, cfg: IngestConfig) -> SampleResult:
     except ImageError as e:
         fetched.status, fetched.error_class, fetched.error = e.status, e.error_class, str(e)
         return SampleResult(fetched)
+    except Exception as e:
+        return SampleResult(_internal_error(e, fetched))
     return SampleResult(fetched, image)
 
 
@@ -139,11 +149,14 @@ async def fetch_and_process(samples: list[dict], cfg: IngestConfig) -> list[Samp
 
             async def one(i: int, sample: dict) -> None:
                 async with gate:
-                    if sample["source"] == "file":
-                        fetched = await loop.run_in_executor(images, _read_local, sample["url"],
-                                                             cfg.download.max_bytes)
-                    else:
-                        fetched = await downloader.fetch(sample["url"])
+                    try:
+                        if sample["source"] == "file":
+                            fetched = await loop.run_in_executor(images, _read_local, sample["url"],
+                                                                 cfg.download.max_bytes)
+                        else:
+                            fetched = await downloader.fetch(sample["url"])
+                    except Exception as e:
+                        fetched = _internal_error(e)
                 results[i] = await loop.run_in_executor(images, _process, fetched, cfg)
                 fetched.data = None  # free the original bytes early
 
@@ -217,8 +230,7 @@ def ingest_shard(store_uri: str, dataset: str, shard: int, cfg: IngestConfig, re
         store.delete(stage_key(dataset, STAGE, shard, "stats.json"))
         store.put_file(stage_key(dataset, STAGE, shard, "tar"), writer.finish())
         store.put_parquet(stage_key(dataset, STAGE, shard, "parquet"), table)
-        write_marker(store, dataset, STAGE, shard, stats)
-    return stats
+        return write_marker(store, dataset, STAGE, shard, stats)
 
 
 def dedup_dataset(store: ArtifactStore, dataset: str, threshold: int) -> dict:
@@ -288,10 +300,13 @@ class IngestStage(ShardStage):
         return store.get_parquet(input_key(dataset, shard), columns=["key"]).num_rows
 
     def run_shard(self, store_uri: str, dataset: str, shard: int) -> dict:
-        # A finished shard (made with this config) is only run again to retry its failed samples.
+        # A finished shard (made with this config) is only run again to retry its failed samples; without
+        # retry_failed it is returned as it is (a task run again after its worker died).
         marker = read_marker(open_store(store_uri), dataset, STAGE, shard)
-        retry = marker is not None and marker.get("config_hash") == self.config_hash
-        return ingest_shard(store_uri, dataset, shard, self.config, retry_failed=retry)
+        finished = marker is not None and marker.get("config_hash") == self.config_hash
+        if finished and not self.retry_failed:
+            return marker
+        return ingest_shard(store_uri, dataset, shard, self.config, retry_failed=finished)
 
     def finish(self, store_uri: str, dataset: str, stats: list[dict], done: list[int], failed: list[int]) -> dict:
         return {"dedup": dedup_dataset(open_store(store_uri), dataset, self.config.phash_threshold)}

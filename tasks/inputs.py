@@ -38,6 +38,7 @@ PRESETS: dict[str, tuple[list[str], list[str]]] = {
                                                                 "title", "caption_reference_description"]),
 }
 MAX_REPORTED = 20
+MAX_VALUE_LINES = 100  # a quoted CSV value over more lines than this is taken for a quote never closed
 
 
 class InputError(ValueError):
@@ -83,8 +84,70 @@ def _looks_like_url(value: object) -> bool:
     return isinstance(value, str) and value.strip().lower().startswith(("http://", "https://"))
 
 
+def _quote_state(line: bytes, delimiter: bytes, inside: bool) -> tuple[bool, int]:
+    """Whether `line` ends inside a quoted field, and where a field still open from the previous line closes
+    (-1: not closed here). As Arrow reads CSV: a quote opens a field only at its start; `""` inside is a quote."""
+    closed, i = -1, 0
+    if not inside and line.startswith(b'"'):
+        inside, i = True, 1
+    while True:
+        if inside:
+            j = line.find(b'"', i)
+            while j >= 0 and line[j + 1:j + 2] == b'"':
+                j = line.find(b'"', j + 2)
+            if j < 0:
+                return True, closed
+            closed = j if closed < 0 else closed
+            inside, i = False, j + 1
+        j = line.find(delimiter, i)
+        if j < 0:
+            return False, closed
+        i = j + 1
+        if line[i:i + 1] == b'"':
+            inside, i = True, i + 1
+
+
+def _looks_like_row(text: bytes, delimiter: bytes) -> bool:
+    return any(_looks_like_url(cell.decode("utf-8", "replace")) for cell in text.split(delimiter))
+
+
+def _drop_unclosed_quotes(data: bytes, delimiter: str, report: InputReport) -> bytes:
+    """`data` with every line whose quote is never closed blanked (and reported). Arrow would read such a quote
+    to the end of the file, or to the next stray quote, merging every row on the way into one value. A quote
+    counts as unclosed when its value reaches the end of the file, a line that reads as a row of its own, or
+    more than MAX_VALUE_LINES lines."""
+    if b'"' not in data:
+        return data
+    lines, delim, dropped = data.split(b"\n"), delimiter.encode(), []
+    i = 0
+    while i < len(lines):
+        if b'"' not in lines[i] or not _quote_state(lines[i], delim, False)[0]:
+            i += 1
+            continue
+        why = "a quote opened here is never closed"
+        for j in range(i + 1, min(len(lines), i + MAX_VALUE_LINES + 1)):
+            inside, closed = _quote_state(lines[j], delim, True)
+            if _looks_like_row(lines[j] if closed < 0 else lines[j][:closed], delim):
+                why = f"a quote opened here runs into line {j + 1}, which reads as a row of its own"
+                break
+            if not inside:
+                why = None
+                break
+        if why is None:
+            i = j + 1  # one value over lines i..j
+            continue
+        report.reject(f"line {i + 1}: {why}; row skipped: {lines[i][:80].decode('utf-8', 'replace')!r}")
+        dropped.append(i)
+        i += 1
+    for i in dropped:
+        lines[i] = b""  # an empty line, which the CSV reader skips
+    return b"\n".join(lines) if dropped else data
+
+
 def _read_delimited(path: Path, delimiter: str, quoting: bool, report: InputReport) -> pa.Table:
     data = _open_bytes(path)
+    if quoting:
+        data = _drop_unclosed_quotes(data, delimiter, report)
     first_line = data.split(b"\n", 1)[0].decode("utf-8", "replace")
     header = not any(_looks_like_url(cell) for cell in first_line.split(delimiter))
     # Single-threaded: the Python row handler below must not be called from Arrow's thread pool.
@@ -184,6 +247,44 @@ def _fix_utf8(col: pa.ChunkedArray) -> tuple[pa.ChunkedArray, list[bool]]:
     return pa.chunked_array([pa.array(fixed, pa.string())]), bad
 
 
+def _is_text_type(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _as_text(value: str | bytes, name: str) -> tuple[str, str | None]:
+    if isinstance(value, str):
+        return value, None
+    try:
+        return value.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return value.decode("utf-8", "replace"), f"column {name!r} was not valid UTF-8; undecodable bytes replaced"
+
+
+def _text_values(col: pa.ChunkedArray, name: str, path: Path) -> tuple[list[str | None], dict[int, str]]:
+    """A URL or caption column as text, and a note per row read with a repair (value kept) or not readable (value
+    None): binary is decoded with replacement, a list of one text is that text. InputError for a type that is not
+    text at all (a struct, a list of numbers)."""
+    t = col.type
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or (
+            (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_text_type(t.value_type)):
+        values, notes = [], {}
+        for row, value in enumerate(col.to_pylist()):
+            if isinstance(value, list):
+                if len(value) > 1:
+                    notes[row] = f"column {name!r} holds a list of {len(value)} values, not one text"
+                value = value[0] if len(value) == 1 else None
+            if value is not None:
+                value, note = _as_text(value, name)
+                if note:
+                    notes[row] = note
+            values.append(value)
+        return values, notes
+    try:
+        return col.cast(pa.string()).to_pylist(), {}
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+        raise InputError(f"{path}: column {name!r} has type {t}, which cannot be read as text") from None
+
+
 def _pick(names: list[str], candidates: list[str], explicit: str | None, what: str, path: Path) -> list[str]:
     if explicit:
         if explicit not in names:
@@ -239,14 +340,20 @@ def read_url_list(spec: InputSpec) -> tuple[pa.Table, InputReport]:
                     if is_bad:
                         warnings[row] = f"column {name!r} was not valid UTF-8; undecodable bytes replaced"
 
-    urls = table.column(url_col).cast(pa.string()).to_pylist()
     captions: list[str | None] = [None] * table.num_rows
     for c in caption_picks:
-        values = table.column(c).cast(pa.string()).to_pylist()
+        values, notes = _text_values(table.column(c), c, path)
         captions = [old if old else (v.strip() if isinstance(v, str) and v.strip() else None)
                     for old, v in zip(captions, values, strict=True)]
+        for row, note in notes.items():
+            warnings[row] = note
+    urls, url_notes = _text_values(table.column(url_col), url_col, path)
     keep, keys, clean_urls = [], [], []
     for row, url in enumerate(urls):
+        if url is None and row in url_notes:
+            report.reject(f"row {row}: {url_notes[row]}")
+            continue
+        warnings[row] = url_notes.get(row, warnings[row])
         if not url or not url.strip():
             report.reject(f"row {row}: empty URL")
             continue

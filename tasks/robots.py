@@ -92,13 +92,18 @@ class RobotsRules:
 ALLOW_ALL = "allow_all"
 
 
-# fetch_text(url) -> (http status, body text); raises on network errors
+# fetch_text(url) -> (http status, body text); raises on network errors (with an `error_class` attribute, if any)
 TextFetcher = Callable[[str], Awaitable[tuple[int, str]]]
 
 
 class RobotsUnavailable(Exception):
     """robots.txt could not be read (5xx or a network error). RFC 9309 says to assume complete disallow; the
-    sample is recorded as an error rather than an opt-out, so `--retry-failed` tries it again later."""
+    sample is recorded as an error rather than an opt-out, so `--retry-failed` tries it again later.
+    `cause_class` is the fetch error's class (its `error_class` attribute, e.g. dns), None for an HTTP answer."""
+
+    def __init__(self, message: str, cause_class: str | None = None):
+        super().__init__(message)
+        self.cause_class = cause_class
 
 
 class RobotsCache:
@@ -109,20 +114,21 @@ class RobotsCache:
         self._fetch_text = fetch_text
         self._rules: dict[str, asyncio.Future] = {}
 
-    async def _load(self, origin: str) -> RobotsRules | str:
-        """Parsed rules, ALLOW_ALL, or the reason the host counts as disallowing everything."""
+    async def _load(self, origin: str) -> RobotsRules | str | tuple[str, str | None]:
+        """Parsed rules, ALLOW_ALL, or (why the host counts as disallowing everything, the fetch error's class)."""
         try:
             status, text = await self._fetch_text(f"{origin}/robots.txt")
         except BlockedURL:
             raise
         except Exception as e:
             # 5xx / network error: unreachable, assume complete disallow (RFC 9309 2.3.1.4).
-            return f"robots.txt unreachable ({type(e).__name__}: {e}); treated as disallow-all"
+            return (f"robots.txt unreachable ({type(e).__name__}: {e}); treated as disallow-all",
+                    getattr(e, "error_class", None))
         if 200 <= status < 300:
             return RobotsRules.parse(text)
         if 400 <= status < 500:
             return ALLOW_ALL
-        return f"robots.txt answered HTTP {status}; treated as disallow-all"
+        return f"robots.txt answered HTTP {status}; treated as disallow-all", None
 
     async def refusal(self, url: str) -> str | None:
         """None if robots.txt lets us fetch `url`, else why not. Raises RobotsUnavailable when robots.txt could
@@ -136,8 +142,8 @@ class RobotsCache:
         rules = await asyncio.shield(future)
         if rules == ALLOW_ALL:
             return None
-        if isinstance(rules, str):
-            raise RobotsUnavailable(rules)
+        if isinstance(rules, tuple):
+            raise RobotsUnavailable(*rules)
         if rules.allows(self.ua_token, url):
             return None
         return f"robots.txt of {origin} disallows this path for {self.ua_token!r}"

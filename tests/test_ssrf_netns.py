@@ -351,9 +351,9 @@ def test_allow_list_opens_exactly_that_range(connects: list[tuple[Any, ...]], ur
     r = fetch(url, allow_cidrs=(cidr,), respect_robots_txt=False)
     assert (r.status, r.error_class, r.attempts) == ("error", "connect", 2), r
     assert {addr[0] for addr in connects} == {target}
-    # With robots.txt on, the robots.txt fetch is what fails: disallow-all, recorded as a retryable error.
+    # With robots.txt on, the robots.txt fetch is what fails: recorded with its class, robots.txt in the text.
     r = fetch(url, allow_cidrs=(cidr,))
-    assert (r.status, r.error_class) == ("error", "robots_unavailable"), r
+    assert (r.status, r.error_class) == ("error", "connect"), r
     assert "unreachable" in (r.error or "")
     # Not opened: blocked without a connection attempt.
     connects.clear()
