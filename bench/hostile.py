@@ -4,8 +4,8 @@ Each input is a one-row URL list (Parquet) whose URL points at a loopback server
 a decompression bomb, a truncated JPEG, HTML served as image/jpeg, a gzip bomb body, a huge (lying)
 Content-Length, a slow server (headers, body), a redirect loop, a 1M-character alt-text and NUL bytes in an
 alt-text (both on a real photo). A fresh subprocess per input runs `plan_ingest` + `ingest_shard` on a LocalStore
-in a temp dir; its peak RSS is the `ru_maxrss` of that one child, from os.wait4 (RUSAGE_CHILDREN's ru_maxrss is a
-high-water mark over every child reaped, so it cannot tell the inputs apart). Children run under an 8 GiB
+in a temp dir; its peak RSS is the child's own VmHWM (ru_maxrss from os.wait4 where the child could not report it,
+e.g. it crashed; ru_maxrss survives exec, so it starts at the forking parent's size). Children run under an 8 GiB
 address-space cap so that a runaway input fails instead of taking the shared machine down.
 
 Run:  .venv/bin/python bench/hostile.py [--timeout 120]
@@ -142,9 +142,12 @@ def child(store_dir: str, url_list: str) -> None:
         print(json.dumps({"status": "shard_failed", "error_class": type(e).__name__, "error": str(e)[:300]}))
         return
     [row] = store.get_parquet(stage_key("bench", STAGE, shard, "parquet")).to_pylist()
+    # VmHWM: this process's own peak (ru_maxrss survives exec and starts at the forking parent's size).
+    status = Path("/proc/self/status").read_text().splitlines()
+    hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
     print(json.dumps({"status": row["status"], "error_class": row["error_class"], "error": row["error"],
                       "size": f"{row['width']}x{row['height']}" if row["width"] else None,
-                      "alt_text_chars": len(row["alt_text"] or "")}))
+                      "alt_text_chars": len(row["alt_text"] or ""), "peak_rss_mb": round(hwm / 1024, 1)}))
 
 
 def _limit_memory() -> None:
@@ -170,8 +173,8 @@ def measure(name: str, url: str, alt: str, timeout: float) -> dict:
         row = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
             "status": "timed_out" if proc.returncode == -9 else "crashed", "error_class": None,
             "error": err.read_text()[-300:]}
-    return {"input": name, "url": url, **row, "seconds": round(seconds, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "returncode": proc.returncode}
+    return {"input": name, "url": url, "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), **row,
+            "seconds": round(seconds, 2), "returncode": proc.returncode}
 
 
 def main() -> int:

@@ -13,11 +13,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
 from flows.stage import make_stage, needs_gpu, run_in_flow
+from infra.lease import dataset_lease
 from infra.runtime import flow_runtime
 from infra.settings import DatasetSpec, Settings, SpecError, build_spec, load_spec
 from infra.stages import in_order
+from infra.store import open_store
 from tasks.stage import ShardStage
 
 
@@ -63,8 +66,10 @@ def build_flow(spec: dict | str, stages: list[str] | None = None, dask_address: 
     settings = Settings()
     store = ds.store or settings.store
     results: dict[str, Any] = {"dataset": ds.name, "store": store, "stages": {}, "seconds": {}}
-    with flow_runtime(dask_address or settings.dask_address, workers or settings.dask_workers,
-                      gpu=needs_gpu(stages), warm=_warm(stages)) as runner:
+    # One writer per dataset at a time (a CLI build, a scheduled refresh, a stage deployment): the second is refused.
+    with dataset_lease(open_store(store), ds.name, run_id=str(flow_run.id)), \
+            flow_runtime(dask_address or settings.dask_address, workers or settings.dask_workers,
+                         gpu=needs_gpu(stages), warm=_warm(stages)) as runner:
         for stage in stages:
             logger.info("stage %s of %s", stage.name, ds.name)
             started = time.monotonic()

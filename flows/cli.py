@@ -18,6 +18,20 @@ from infra.settings import DatasetSpec, SpecError, build_spec, load_spec
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="capfactory: a workflow-orchestrated factory for image-text training data.")
 
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"capfactory {version('capfactory')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="print the version and exit")] = False) -> None:
+    """capfactory: a workflow-orchestrated factory for image-text training data."""
+
 # ---- the options every stage command shares ------------------------------------------------------------------------
 
 Dataset = Annotated[str | None, typer.Option(help="dataset name (folder in the store)")]
@@ -75,12 +89,13 @@ def resolve_spec(spec_path: Path | None, dataset: str | None, inputs: list[str],
 def _user_errors() -> tuple[type[Exception], ...]:
     """What a user can fix: printed as one `error:` line with exit code 2."""
     from infra.models import ModelUnavailable
-    from infra.store import StoreError
+    from infra.store import StoreError, StoreUnavailable
     from tasks.inputs import InputError
     from tasks.stage import StageError
     from tasks.validate import ValidationFailed
 
-    return InputError, ModelUnavailable, SpecError, StageError, StoreError, ValidationFailed, ValueError
+    return (InputError, ModelUnavailable, SpecError, StageError, StoreError, StoreUnavailable, ValidationFailed,
+            ValueError)
 
 
 def stage_lines(name: str, result: dict) -> list[str]:
@@ -103,6 +118,9 @@ def _run(name: str, spec: Path | None, dataset: str | None, store: str | None, o
          inputs: list[str] | None = None, input_options: dict | None = None, **options: Any) -> dict:
     """One stage command: the spec with the options over it, the stage run, its summary printed."""
     from flows.stage import run_stage
+    from infra.runtime import stop_on_sigterm
+
+    stop_on_sigterm()  # SIGTERM stops the Prefect server and the workers this command started
 
     ds = resolve_spec(spec, dataset, inputs or [], input_options or {}, {"store": store, **overrides})
     try:
@@ -363,7 +381,9 @@ def build(
     """Run every stage the spec names, in order (ingest, extract, fuse, translate, score, validate, publish,
     report), each skipping its finished shards: the same command builds, resumes and refreshes a dataset."""
     from flows.build import run_build
+    from infra.runtime import stop_on_sigterm
 
+    stop_on_sigterm()
     ds = resolve_spec(spec, None, [], {}, {"store": store})
     try:
         result = run_build(ds, _comma_list(stages), dask_address=dask_address, workers=workers,
@@ -439,7 +459,9 @@ def demo(
     vision experts (objects and attributes when the models folder has the detector), fusion, translation to
     Portuguese, scores, Great Expectations, publish and the HTML report."""
     from flows.demo import run_demo
+    from infra.runtime import stop_on_sigterm
 
+    stop_on_sigterm()
     try:
         result = run_demo(store=store, samples=samples, dataset=dataset)
     except (*_user_errors(), RuntimeError) as e:

@@ -22,6 +22,7 @@ from prefect import Flow, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.common import failure_message, gather_shards
+from infra.lease import dataset_lease
 from infra.models import ModelUnavailable
 from infra.runtime import flow_runtime
 from infra.settings import DatasetSpec, Settings
@@ -183,10 +184,12 @@ def run_stage(name: str, spec: DatasetSpec, *, models_dir: str | None = None, da
     gpu = needs_gpu([stage])  # plans the stage: a model that cannot be provided fails here
     settings = Settings()
     store = spec.store or settings.store
-    if isinstance(stage, ShardStage):
-        if not stage.has_prepare:
-            stage.preflight(open_dataset(store, spec.name), spec.name)  # a dataset it cannot run on fails here
-        stage.check_backends()  # so does a model server that is down, hangs or refuses
-    with flow_runtime(dask_address or settings.dask_address, workers or settings.dask_workers, gpu=gpu,
-                      warm=stage.warm) as runner:
-        return run_in_flow(stage, spec, store, runner, progress)
+    # One writer per dataset at a time: a second run is refused, naming this one.
+    with dataset_lease(open_store(store), spec.name):
+        if isinstance(stage, ShardStage):
+            if not stage.has_prepare:
+                stage.preflight(open_dataset(store, spec.name), spec.name)  # a dataset it cannot run on fails here
+            stage.check_backends()  # so does a model server that is down, hangs or refuses
+        with flow_runtime(dask_address or settings.dask_address, workers or settings.dask_workers, gpu=gpu,
+                          warm=stage.warm) as runner:
+            return run_in_flow(stage, spec, store, runner, progress)

@@ -5,27 +5,54 @@ inside every Dask worker process (seconds each, and the run's records split). He
 temporary server (the same uvicorn command Prefect's ephemeral mode runs), exports PREFECT_API_URL before the
 workers are spawned, and lets the server boot while the LocalCluster starts and its workers import the task
 code, so the fixed start-up cost is paid once and in parallel.
+
+Nothing it starts outlives the CLI: SIGTERM unwinds the runtime (`stop_on_sigterm`); after a SIGKILL the kernel
+stops the server (parent-death signal) and Dask's workers exit when their nanny's pipe closes. Each temporary server
+has its own SQLite database in a temporary folder, removed when it stops (not the shared $PREFECT_HOME/prefect.db,
+which concurrent runs lock and fill up); it starts as a copy of an already migrated one, which saves 5-10 s.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import socket
+import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 
 import httpx
 from prefect_dask import DaskTaskRunner
 
 from infra.cluster import start_local_cluster
+from infra.net import free_port
 
 SERVER_START_TIMEOUT = 120.0
+
+# Runs in the server's process before uvicorn (argv: parent pid, database folder, uvicorn's arguments). On Linux
+# the kernel sends it SIGTERM when the thread that started it dies, SIGKILL included; if that already happened
+# before the signal was armed, it does not start at all. It removes its database folder when it stops: uvicorn
+# re-raises the SIGTERM it handled after shutting down, and the handler set here turns that into SystemExit.
+_SERVER_CHILD = """
+import ctypes, os, runpy, shutil, signal, sys
+parent, home = int(sys.argv[1]), sys.argv[2]
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+if sys.platform == "linux":
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+try:
+    if os.getppid() == parent:
+        sys.argv = ["uvicorn", *sys.argv[3:]]
+        runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+finally:
+    shutil.rmtree(home, ignore_errors=True)
+"""
 
 
 def _warm_worker(modules: tuple[str, ...]) -> None:
@@ -46,26 +73,51 @@ def _start_cluster(n_workers: int | None, gpu: bool, warm: tuple[str, ...], out:
         out["error"] = e
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_temporary_server() -> tuple[subprocess.Popen, str]:
-    """Start a local Prefect API server (SQLite, no UI) on a free loopback port; returns (process, API URL)."""
+    """Start a local Prefect API server (SQLite in its own temporary folder, no UI) on a free loopback port that
+    stops with this process; returns (process, API URL). `_stop` stops it."""
     import prefect
 
-    port = _free_port()
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    port = free_port()
+    home = tempfile.mkdtemp(prefix="capfactory-prefect-server-")
+    if _template_db().is_file():
+        shutil.copyfile(_template_db(), f"{home}/prefect.db")
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db"}
     env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)  # the older name of the same setting
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
-         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level",
-         "error", "--lifespan", "on"],
+        [sys.executable, "-c", _SERVER_CHILD, str(os.getpid()), home, "--app-dir",
+         str(Path(prefect.__file__).parent.parent), "--factory", "prefect.server.api.server:create_app", "--host",
+         "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
         env=env,
     )
+    proc.home = home  # for _stop
     return proc, f"http://127.0.0.1:{port}/api"
+
+
+def _template_db() -> Path:
+    # The database each server starts from (per Prefect version: its migrations differ).
+    import prefect
+    from prefect.settings import PREFECT_HOME
+
+    return Path(PREFECT_HOME.value()) / f"capfactory-server-{prefect.__version__}.db"
+
+
+def _save_template(server: subprocess.Popen) -> None:
+    """Keep a copy of a healthy (so migrated) server's database as the template, if there is none yet."""
+    template = _template_db()
+    if template.exists():
+        return
+    tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+    template.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # SQLite's online backup: a consistent copy while the server writes.
+        with closing(sqlite3.connect(f"{server.home}/prefect.db")) as db, closing(sqlite3.connect(tmp)) as copy:
+            db.backup(copy)
+        os.replace(tmp, template)
+    except sqlite3.Error:  # busy: a later run saves it
+        tmp.unlink(missing_ok=True)
 
 
 def wait_until_healthy(proc: subprocess.Popen, api_url: str, timeout: float = SERVER_START_TIMEOUT) -> None:
@@ -90,6 +142,19 @@ def _stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    shutil.rmtree(proc.home, ignore_errors=True)  # the server removes it itself, unless it had to be killed
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit in the main thread (call it there), so `with flow_runtime(...)` unwinds and
+    stops the server and the cluster; by default SIGTERM ends the process at once and they are left running. A
+    second SIGTERM during that clean-up ends it at once."""
+
+    def exit_cleanly(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_cleanly)
 
 
 @contextmanager
@@ -117,6 +182,7 @@ def flow_runtime(dask_address: str | None = None, n_workers: int | None = None, 
             thread.start()
         if server is not None:
             wait_until_healthy(server, api_url)
+            _save_template(server)
             stack.callback(APILogWorker.drain_all, timeout=5)  # runs before _stop: ship the last logs
             stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
         if thread is not None:

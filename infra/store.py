@@ -7,12 +7,16 @@ makes the done markers (written last) trustworthy.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -25,6 +29,26 @@ from infra.settings import Settings
 
 class StoreError(RuntimeError):
     pass
+
+
+class StoreUnavailable(RuntimeError):
+    """The store could not answer (unreachable, refusing, lost its bucket): never taken for a missing object, and
+    a plain message, so it pickles across the task boundary and says what happened without object reprs."""
+
+    def __reduce__(self):  # the message only, whatever was attached to the instance on the way up
+        return type(self), (str(self),)
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: os.umask can only be read by setting it
+_REPR = re.compile(r"<[^<>]* (?:object )?at 0x[0-9a-fA-F]+>")
+
+
+def _plain(e: BaseException) -> str:
+    """An exception as one line without object reprs: S3 errors as `code: message`."""
+    code, message = getattr(e, "code", None), getattr(e, "message", None)
+    text = f"{code}: {message}" if code and message else f"{type(e).__name__}: {e}"
+    return _REPR.sub("<object>", " ".join(text.split()))[:500]
 
 
 class ArtifactStore(ABC):
@@ -53,6 +77,18 @@ class ArtifactStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove `key`; a missing key is not an error."""
+
+    @abstractmethod
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        """Create `key` only if no object is there, atomically (of two racing writers one wins); True if created."""
+
+    @abstractmethod
+    def replace_bytes_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        """Overwrite `key` only if it still holds `expected` (compare-and-swap); True if replaced."""
+
+    @abstractmethod
+    def delete_if(self, key: str, expected: bytes) -> bool:
+        """Remove `key` only if it still holds `expected`; True if removed."""
 
     def move(self, src: str, dst: str) -> None:
         """Move an object to another key (copy, then delete the source)."""
@@ -86,20 +122,51 @@ class LocalStore(ArtifactStore):
             raise StoreError(f"key {key!r} escapes the store root")
         return path
 
-    def _replace_into(self, key: str, write) -> None:
+    def _replace_into(self, key: str, write, place=os.replace) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600: files are shared like any other writer's
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
-            os.replace(tmp, path)
-        except BaseException:
+            place(tmp, path)
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
+
+    @contextmanager
+    def _locked(self, key: str) -> Iterator[Path]:
+        """An exclusive lock for the compare-and-swap of `key` (a hidden lock file beside it, which list() skips)."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield path
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._replace_into(key, lambda f: f.write(data))
+
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        # link() of a complete temporary file fails if the name exists: atomic, and never a partial object.
+        try:
+            self._replace_into(key, lambda f: f.write(data), place=os.link)
+        except FileExistsError:
+            return False
+        return True
+
+    def replace_bytes_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        with self._locked(key) as path:
+            if not path.is_file() or path.read_bytes() != expected:
+                return False
+            self.put_bytes(key, data)
+            return True
+
+    def delete_if(self, key: str, expected: bytes) -> bool:
+        with self._locked(key) as path:
+            if not path.is_file() or path.read_bytes() != expected:
+                return False
+            path.unlink()
+            return True
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -137,9 +204,14 @@ class LocalStore(ArtifactStore):
         self._path(key).unlink(missing_ok=True)
 
     def move(self, src: str, dst: str) -> None:
-        target = self._path(dst)
+        source, target = self._path(src), self._path(dst)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self._path(src), target)
+        os.replace(source, target)
+        # Like an object store, leave no empty folder behind.
+        for folder in source.parents:
+            if folder == self.root or any(folder.iterdir()):
+                break
+            folder.rmdir()
 
 
 class S3Store(ArtifactStore):
@@ -150,7 +222,7 @@ class S3Store(ArtifactStore):
 
         if not settings.s3_endpoint:
             raise StoreError(
-                f"store s3://{bucket}/{prefix} needs CAPFACTORY_S3_ENDPOINT (host:port of MinIO/S3) "
+                f"store s3://{bucket}/{prefix.strip('/')} needs CAPFACTORY_S3_ENDPOINT (host:port of MinIO/S3) "
                 "and CAPFACTORY_S3_ACCESS_KEY / CAPFACTORY_S3_SECRET_KEY"
             )
         self.bucket = bucket
@@ -168,82 +240,146 @@ class S3Store(ArtifactStore):
     def _ensure_bucket(self) -> None:
         from minio.error import S3Error
 
-        try:
-            if not self.client.bucket_exists(self.bucket):
-                self.client.make_bucket(self.bucket)
-        except S3Error as e:
-            if e.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                raise StoreError(f"cannot use bucket {self.bucket!r}: {e.code}: {e.message}") from e
+        with self._answering("bucket check", self.bucket):
+            try:
+                if not self.client.bucket_exists(self.bucket):
+                    self.client.make_bucket(self.bucket)
+            except S3Error as e:
+                if e.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise StoreError(f"cannot use bucket {self.bucket!r}: {e.code}: {e.message}") from e
 
     def _name(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
+    @contextmanager
+    def _answering(self, op: str, key: str):
+        """SDK and transport errors as StoreUnavailable naming the operation and the key."""
+        from minio.error import MinioException
+        from urllib3.exceptions import HTTPError
 
-    def get_bytes(self, key: str) -> bytes:
+        try:
+            yield
+        except (MinioException, HTTPError) as e:
+            raise StoreUnavailable(f"S3 {op} of {key!r} in {self.uri} failed: {_plain(e)}") from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with self._answering("put", key):
+            self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
+
+    # The conditional requests go through the SDK's request layer: its put_object/remove_object send no request
+    # headers (put_object turns `metadata` into x-amz-meta-*), and S3/MinIO decide If-None-Match/If-Match atomically.
+    def _conditional(self, method: str, key: str, headers: dict[str, str], data: bytes | None = None) -> bool:
         from minio.error import S3Error
 
+        with self._answering(f"conditional {method}", key):
+            try:
+                self.client._execute(method, self.bucket, self._name(key), body=data, headers=headers)
+            except S3Error as e:
+                # 412: the condition failed; 409: a concurrent conditional write won; 404: If-Match on a gone object.
+                if e.code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                    return False
+                raise
+        return True
+
+    def _etag_if(self, key: str, expected: bytes) -> str | None:
+        """The ETag of `key` if it holds `expected` (the ETag the GET returned, not a hash of ours: with
+        encryption or multipart uploads an ETag is not the MD5 of the content)."""
         try:
-            response = self.client.get_object(self.bucket, self._name(key))
-        except S3Error as e:
-            if e.code == "NoSuchKey":
-                raise StoreError(f"no object {key!r} in {self.uri}") from None
-            raise
-        try:
-            return response.read()
-        finally:
-            response.close()
-            response.release_conn()
+            data, etag = self._get(key)
+        except StoreError:
+            return None
+        return etag if data == expected else None
+
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        return self._conditional("PUT", key, {"If-None-Match": "*"}, data)
+
+    def replace_bytes_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        etag = self._etag_if(key, expected)
+        return etag is not None and self._conditional("PUT", key, {"If-Match": etag}, data)
+
+    def delete_if(self, key: str, expected: bytes) -> bool:
+        etag = self._etag_if(key, expected)
+        return etag is not None and self._conditional("DELETE", key, {"If-Match": etag})
+
+    def _get(self, key: str) -> tuple[bytes, str]:
+        from minio.error import S3Error
+
+        with self._answering("get", key):
+            try:
+                response = self.client.get_object(self.bucket, self._name(key))
+            except S3Error as e:
+                if e.code == "NoSuchKey":
+                    raise StoreError(f"no object {key!r} in {self.uri}") from None
+                raise
+            try:
+                return response.read(), response.headers.get("ETag", "")
+            finally:
+                response.close()
+                response.release_conn()
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._get(key)[0]
 
     def put_file(self, key: str, path: Path) -> None:
-        self.client.fput_object(self.bucket, self._name(key), str(path))
+        with self._answering("put", key):
+            self.client.fput_object(self.bucket, self._name(key), str(path))
 
     def get_file(self, key: str, path: Path) -> None:
         from minio.error import S3Error
 
-        try:
-            self.client.fget_object(self.bucket, self._name(key), str(path))
-        except S3Error as e:
-            if e.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
-                raise StoreError(f"no object {key!r} in {self.uri}") from None
-            raise
+        with self._answering("get", key):
+            try:
+                self.client.fget_object(self.bucket, self._name(key), str(path))
+            except S3Error as e:
+                if e.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                    raise StoreError(f"no object {key!r} in {self.uri}") from None
+                raise
 
     def exists(self, key: str) -> bool:
         from minio.error import S3Error
 
-        try:
-            self.client.stat_object(self.bucket, self._name(key))
-            return True
-        except S3Error as e:
-            if e.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
-                return False
-            raise
+        with self._answering("stat", key):
+            try:
+                self.client.stat_object(self.bucket, self._name(key))
+                return True
+            except S3Error as e:
+                if e.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                    return False
+                raise
 
     def list(self, prefix: str) -> list[str]:
         folder = prefix.strip("/")
         # The whole store is `<prefix>/` (or the whole bucket), never `<prefix>//`.
         full = self._name(folder + "/") if folder else (f"{self.prefix}/" if self.prefix else "")
         cut = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(
-            o.object_name[cut:]
-            for o in self.client.list_objects(self.bucket, prefix=full, recursive=True)
-            if not o.is_dir
-        )
+        with self._answering("list", prefix):
+            return sorted(
+                o.object_name[cut:]
+                for o in self.client.list_objects(self.bucket, prefix=full, recursive=True)
+                if not o.is_dir
+            )
 
     def delete(self, key: str) -> None:
-        self.client.remove_object(self.bucket, self._name(key))
+        with self._answering("delete", key):
+            self.client.remove_object(self.bucket, self._name(key))
+
+
+_s3_stores: dict[tuple[str, str, str], S3Store] = {}
 
 
 def open_store(uri: str | None = None, settings: Settings | None = None) -> ArtifactStore:
-    """`s3://bucket/prefix` opens MinIO/S3; a path or `file://` URI opens a local folder."""
+    """`s3://bucket/prefix` opens MinIO/S3 (once per process and settings: opening checks the bucket); a path or
+    `file://` URI opens a local folder."""
     settings = settings or Settings()
     uri = uri or settings.store
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StoreError(f"store URI {uri!r} names no bucket (expected s3://bucket/prefix)")
-        return S3Store(parsed.netloc, parsed.path, settings)
+        key = (parsed.netloc, parsed.path.strip("/"), settings.model_dump_json())
+        if key not in _s3_stores:
+            _s3_stores[key] = S3Store(parsed.netloc, parsed.path, settings)
+        return _s3_stores[key]
     if parsed.scheme == "file":
         return LocalStore(parsed.path)
     if parsed.scheme and len(parsed.scheme) > 1:

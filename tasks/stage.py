@@ -109,9 +109,11 @@ def take_by_key(keys: pa.Array, table: pa.Table, columns: list[str]) -> dict[str
 def backend_failure(stage: str, errors: list[str], samples: int) -> BackendError:
     """One clear error for a shard whose backend failed: how many calls, of which kinds, the first message."""
     kinds = Counter(e.split(":", 1)[0].strip() for e in errors)
+    transient = all(is_transient(e) for e in errors)
+    then = "transient: the shard is retried" if transient else "the task is not retried"
     return BackendError(f"{len(errors)} {stage} calls failed ({', '.join(f'{k}={v}' for k, v in kinds.items())}) in "
-                        f"a shard of {samples} samples, e.g. {errors[0]}; the shard is not marked done: what was made "
-                        "is kept, and a re-run asks only for the rest", transient=all(is_transient(e) for e in errors))
+                        f"a shard of {samples} samples, e.g. {errors[0]}; the shard is not marked done ({then}): what "
+                        "was made is kept, and a re-run asks only for the rest", transient=transient)
 
 
 def merge_totals(stats: list[dict]) -> dict:

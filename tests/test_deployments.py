@@ -177,6 +177,44 @@ def test_the_run_is_listed_in_the_prefect_ui(stack, finished_run):
 
 
 @pytest.mark.slow
+def test_prefect_cli_listings_work_against_the_projects_server(stack, finished_run):
+    """`prefect deployment|flow|flow-run|work-pool ls`: fastapi >= 0.151 made the server answer 422 to the CLI's
+    `limit: null` (pinned below it)."""
+    env = {**os.environ, "PREFECT_API_URL": stack.api_url, "COLUMNS": "250"}  # wide tables: names not cut
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    outputs = {}
+    for what in ("deployment", "flow", "flow-run", "work-pool"):
+        done = subprocess.run([prefect, what, "ls"], env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0 and "422" not in done.stdout + done.stderr, (what, done.stderr[-2000:])
+        outputs[what] = done.stdout
+    assert "build/ingest" in outputs["deployment"] and "capfactory" in outputs["work-pool"]
+    assert "build" in outputs["flow"] and "Completed" in outputs["flow-run"].title()
+
+
+def test_a_short_schedule_is_fired_by_the_scheduler_and_run_by_the_worker(stack, finished_run):
+    """Not only registered: the server's scheduler creates the runs (SQLAlchemy 2.1 broke it) and the worker runs
+    them."""
+    import time
+    from datetime import timedelta
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.schedules import IntervalSchedule
+
+    deployment = _read(lambda c: c.read_deployment_by_name("build/ingest"))
+    [schedule] = _read(lambda c: c.create_deployment_schedules(
+        deployment.id, [(IntervalSchedule(interval=timedelta(seconds=10)), True)]))
+    only = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+    try:
+        deadline, fired = time.monotonic() + RUN_TIMEOUT, []
+        while time.monotonic() < deadline and not fired:
+            time.sleep(3)
+            runs = _read(lambda c: c.read_flow_runs(deployment_filter=only))
+            fired = [r for r in runs if r.auto_scheduled and r.state and r.state.is_completed()]
+        assert fired, [(r.name, r.auto_scheduled, r.state_name) for r in runs]
+    finally:
+        _read(lambda c: c.delete_deployment_schedule(deployment.id, schedule.id))
+
+
 def test_capfactory_serve_prints_the_ui_and_stops_everything_on_ctrl_c(tmp_path):
     import signal
 

@@ -201,3 +201,35 @@ def test_errors_that_cross_the_task_boundary_pickle():
         again = pickle.loads(pickle.dumps(error))
         assert type(again) is type(error) and str(again) == str(error)
     assert pickle.loads(pickle.dumps(BackendError("x", transient=True))).transient
+
+
+def test_an_s3_server_that_lost_its_state_is_one_plain_picklable_error():
+    """The store's bucket vanished (the S3 server restarted empty): every call says so in one line that pickles
+    across the task boundary, with no object repr, and is never taken for a missing object."""
+    import urllib.request
+
+    from moto.server import ThreadedMotoServer
+
+    from infra.settings import Settings
+    from infra.store import StoreUnavailable, open_store
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        settings = Settings(s3_endpoint=f"{host}:{port}", s3_access_key="test", s3_secret_key="test",
+                            s3_secure=False, s3_region="us-east-1")
+        store = open_store("s3://lost-state/prefix", settings)
+        store.put_bytes("d/ingest/shard-00000.stats.json", b"{}")
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        opener.open(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"), timeout=10)
+        for call in (lambda: store.get_bytes("d/ingest/shard-00000.stats.json"), lambda: store.put_bytes("d/x", b"1"),
+                     lambda: store.list("d")):
+            with pytest.raises(StoreUnavailable, match=r"S3 (get|put|list) of .* failed: NoSuchBucket") as info:
+                call()
+            again = pickle.loads(pickle.dumps(info.value))
+            assert str(again) == str(info.value) and " at 0x" not in str(again)
+        with pytest.raises(StoreUnavailable):  # a marker the store cannot read is not a shard that is not done
+            read_marker(store, "d", "ingest", 0)
+    finally:
+        server.stop()

@@ -67,7 +67,9 @@ def add_stages(store: LocalStore, dataset: str, shards: list[int]) -> None:
             ok = r["status"] == "ok"
             n += ok
             experts.append({"key": r["key"], "status": "ok" if ok else "skipped",
-                            "ocr_text": "STOP" if n == 2 and ok else None, "object_counts": [("cat", 1)],
+                            "ocr_text": "STOP" if n == 2 and ok else None,
+                            # the detector found objects in some images and none in others
+                            "object_counts": [] if n == 4 else [("cat", 1)],
                             "provenance": [("ocr", "rapidocr:test")]})
             short = f"A photo number {n}." if ok else r["alt_text"]
             fused.append({"key": r["key"], "status": "ok" if ok else "skipped", "alt_text": r["alt_text"],
@@ -225,6 +227,9 @@ def test_publish_selected_samples_and_every_row_in_parquet(store, tmp_path):
     assert seen[ok[3]]["json"]["translations"] == [{"field": "caption_short", "lang": "pt", "status": "ok",
                                                    "text": "Uma foto número 4.", "qe_passed": True, "qe_reasons": []}]
     assert sorted(seen) == sorted(selected)
+    # Every JSON field keeps one type across samples: maps are objects, the empty ones too.
+    counts = [sample["json"]["object_counts"] for sample in seen.values()]
+    assert {"cat": 1} in counts and {} in counts and all(isinstance(c, dict) for c in counts)
     pil = next(iter(wds.WebDataset(urls[:1], shardshuffle=False).decode("pil")))
     assert pil["jpg"].size[0] > 0
     assert dict(pil["json"]["provenance"])["fuse.llm"] == "llamacpp:test"

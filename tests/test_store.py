@@ -322,3 +322,14 @@ def test_open_store_s3_from_env(s3_settings: Settings, monkeypatch: pytest.Monke
     again = open_store(f"s3://{bucket}/env")
     assert again.get_json("ds/x.json") == {"a": 1}
     assert again.list("ds") == ["ds/x.json"]
+
+
+def test_local_files_follow_the_umask_like_any_other_writer(tmp_path):
+    """mkstemp creates 0600 files: a training job or another user could not read the release."""
+    store = LocalStore(tmp_path)
+    store.put_bytes("d/publish/shard-00000.tar", b"x")
+    store.put_json("d/publish/_published.json", {})
+    umask = os.umask(0)
+    os.umask(umask)
+    for key in ("d/publish/shard-00000.tar", "d/publish/_published.json"):
+        assert (tmp_path / key).stat().st_mode & 0o777 == 0o666 & ~umask
