@@ -240,38 +240,47 @@ class S3Store(ArtifactStore):
     def _ensure_bucket(self) -> None:
         from minio.error import S3Error
 
-        with self._answering("bucket check", self.bucket):
+        def op():
             try:
                 if not self.client.bucket_exists(self.bucket):
                     self.client.make_bucket(self.bucket)
+                return None
             except S3Error as e:
-                if e.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                    raise StoreError(f"cannot use bucket {self.bucket!r}: {e.code}: {e.message}") from e
+                if e.code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    return None
+                refused = f"cannot use bucket {self.bucket!r}: {e.code}: {e.message}"
+            raise StoreError(refused)  # outside the handler: no S3Error (unpicklable) as its context
+
+        self._answering("bucket check", self.bucket, op)
 
     def _name(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    @contextmanager
-    def _answering(self, op: str, key: str):
-        """SDK and transport errors as StoreUnavailable naming the operation and the key."""
+    def _answering(self, op: str, key: str, call):
+        """`call()`, with SDK and transport errors as StoreUnavailable naming the operation and the key. Raised
+        after the handler, so it has no __context__: pickling it with its chain (Dask does, with tblib) would
+        otherwise try to pickle the SDK's response object."""
         from minio.error import MinioException
         from urllib3.exceptions import HTTPError
 
         try:
-            yield
+            return call()
         except (MinioException, HTTPError) as e:
-            raise StoreUnavailable(f"S3 {op} of {key!r} in {self.uri} failed: {_plain(e)}") from None
+            message = f"S3 {op} of {key!r} in {self.uri} failed: {_plain(e)}"
+        raise StoreUnavailable(message)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        with self._answering("put", key):
+        def op():
             self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
+
+        self._answering("put", key, op)
 
     # The conditional requests go through the SDK's request layer: its put_object/remove_object send no request
     # headers (put_object turns `metadata` into x-amz-meta-*), and S3/MinIO decide If-None-Match/If-Match atomically.
     def _conditional(self, method: str, key: str, headers: dict[str, str], data: bytes | None = None) -> bool:
         from minio.error import S3Error
 
-        with self._answering(f"conditional {method}", key):
+        def op():
             try:
                 self.client._execute(method, self.bucket, self._name(key), body=data, headers=headers)
             except S3Error as e:
@@ -279,7 +288,9 @@ class S3Store(ArtifactStore):
                 if e.code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
                     return False
                 raise
-        return True
+            return True
+
+        return self._answering(f"conditional {method}", key, op)
 
     def _etag_if(self, key: str, expected: bytes) -> str | None:
         """The ETag of `key` if it holds `expected` (the ETag the GET returned, not a hash of ours: with
@@ -304,41 +315,50 @@ class S3Store(ArtifactStore):
     def _get(self, key: str) -> tuple[bytes, str]:
         from minio.error import S3Error
 
-        with self._answering("get", key):
+        def op():
             try:
                 response = self.client.get_object(self.bucket, self._name(key))
             except S3Error as e:
-                if e.code == "NoSuchKey":
-                    raise StoreError(f"no object {key!r} in {self.uri}") from None
-                raise
+                if e.code != "NoSuchKey":
+                    raise
+                response = None
+            if response is None:
+                raise StoreError(f"no object {key!r} in {self.uri}")  # outside the handler: no context
             try:
                 return response.read(), response.headers.get("ETag", "")
             finally:
                 response.close()
                 response.release_conn()
 
+        return self._answering("get", key, op)
+
     def get_bytes(self, key: str) -> bytes:
         return self._get(key)[0]
 
     def put_file(self, key: str, path: Path) -> None:
-        with self._answering("put", key):
+        def op():
             self.client.fput_object(self.bucket, self._name(key), str(path))
+
+        self._answering("put", key, op)
 
     def get_file(self, key: str, path: Path) -> None:
         from minio.error import S3Error
 
-        with self._answering("get", key):
+        def op():
             try:
                 self.client.fget_object(self.bucket, self._name(key), str(path))
+                return
             except S3Error as e:
-                if e.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
-                    raise StoreError(f"no object {key!r} in {self.uri}") from None
-                raise
+                if e.code not in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                    raise
+            raise StoreError(f"no object {key!r} in {self.uri}")  # outside the handler: no context
+
+        self._answering("get", key, op)
 
     def exists(self, key: str) -> bool:
         from minio.error import S3Error
 
-        with self._answering("stat", key):
+        def op():
             try:
                 self.client.stat_object(self.bucket, self._name(key))
                 return True
@@ -347,21 +367,25 @@ class S3Store(ArtifactStore):
                     return False
                 raise
 
+        return self._answering("stat", key, op)
+
     def list(self, prefix: str) -> list[str]:
         folder = prefix.strip("/")
         # The whole store is `<prefix>/` (or the whole bucket), never `<prefix>//`.
         full = self._name(folder + "/") if folder else (f"{self.prefix}/" if self.prefix else "")
         cut = len(self.prefix) + 1 if self.prefix else 0
-        with self._answering("list", prefix):
-            return sorted(
-                o.object_name[cut:]
-                for o in self.client.list_objects(self.bucket, prefix=full, recursive=True)
-                if not o.is_dir
-            )
+
+        def op():
+            objects = self.client.list_objects(self.bucket, prefix=full, recursive=True)
+            return sorted(o.object_name[cut:] for o in objects if not o.is_dir)
+
+        return self._answering("list", prefix, op)
 
     def delete(self, key: str) -> None:
-        with self._answering("delete", key):
+        def op():
             self.client.remove_object(self.bucket, self._name(key))
+
+        self._answering("delete", key, op)
 
 
 _s3_stores: dict[tuple[str, str, str], S3Store] = {}

@@ -196,8 +196,11 @@ def test_a_shard_task_run_again_after_its_worker_died_returns_the_stored_result(
 
 
 def test_errors_that_cross_the_task_boundary_pickle():
+    from tasks.lib.openai_http import AttemptError
+
     for error in (BackendError("3 fuse calls failed", transient=False),
-                  ModelUnavailable("llm", "openai", "the server refused the API key")):
+                  ModelUnavailable("llm", "openai", "the server refused the API key"),
+                  AttemptError("http_401: no", transient=False, retry_after=2.0)):
         again = pickle.loads(pickle.dumps(error))
         assert type(again) is type(error) and str(again) == str(error)
     assert pickle.loads(pickle.dumps(BackendError("x", transient=True))).transient
@@ -211,7 +214,7 @@ def test_an_s3_server_that_lost_its_state_is_one_plain_picklable_error():
     from moto.server import ThreadedMotoServer
 
     from infra.settings import Settings
-    from infra.store import StoreUnavailable, open_store
+    from infra.store import StoreError, StoreUnavailable, open_store
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -229,7 +232,12 @@ def test_an_s3_server_that_lost_its_state_is_one_plain_picklable_error():
                 call()
             again = pickle.loads(pickle.dumps(info.value))
             assert str(again) == str(info.value) and " at 0x" not in str(again)
+            assert info.value.__context__ is None  # Dask with tblib pickles the chain too
         with pytest.raises(StoreUnavailable):  # a marker the store cannot read is not a shard that is not done
             read_marker(store, "d", "ingest", 0)
+        store2 = open_store("s3://other-bucket/p", settings)  # a missing object: StoreError, also without context
+        with pytest.raises(StoreError) as missing:
+            store2.get_bytes("nope")
+        assert missing.value.__context__ is None and pickle.loads(pickle.dumps(missing.value)).args
     finally:
         server.stop()

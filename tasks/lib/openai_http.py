@@ -39,6 +39,13 @@ class AttemptError(Exception):
         self.transient = transient
         self.retry_after = retry_after
 
+    def __reduce__(self):  # keyword-only arguments: pickle it with them
+        return _attempt_error, (str(self), self.transient, self.retry_after)
+
+
+def _attempt_error(message: str, transient: bool, retry_after: float | None) -> AttemptError:
+    return AttemptError(message, transient=transient, retry_after=retry_after)
+
 
 def retry_after_seconds(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent or unparsable."""
@@ -214,6 +221,7 @@ def check_server(endpoint: str, model: str, headers: dict[str, str], *, role: st
                        "temperature": 0}).encode()
     try:
         run_sync(_probe(endpoint + "/chat/completions", body, headers, timeout))
+        return
     except AttemptError as e:
         kind = str(e).split(":", 1)[0]
         how = {
@@ -223,4 +231,4 @@ def check_server(endpoint: str, model: str, headers: dict[str, str], *, role: st
             "timeout": f"{endpoint} took the request but gave no answer to a 1-token completion within {timeout:.0f} s",
             "connection": f"cannot connect to {endpoint} ({e})",
         }.get(kind, f"{endpoint} is not a working OpenAI-compatible server: {e}")
-        raise ModelUnavailable(role, "openai", how) from None
+    raise ModelUnavailable(role, "openai", how)  # outside the handler: no __context__ to pickle
