@@ -320,9 +320,9 @@ class IngestStage(ShardStage):
             lines.append("  errors: " + ", ".join(f"{k}={v}" for k, v in top))
         blocked = result.get("error_classes", {}).get("blocked", 0)
         if blocked:
-            lines.append(f"  {blocked} URLs were refused by the SSRF guard (private, loopback or link-local "
-                         "addresses); to crawl such a range on purpose, open it with --allow-cidr (e.g. "
-                         "--allow-cidr 127.0.0.0/8)")
+            lines.append(f"  {blocked} URL{'s were' if blocked != 1 else ' was'} refused by the SSRF guard (private, "
+                         "loopback or link-local addresses); to crawl such a range on purpose, open it with "
+                         "--allow-cidr (e.g. --allow-cidr 127.0.0.0/8)")
         d = result.get("dedup") or {}
         if d:
             lines.append(f"  duplicates: exact={d['exact_duplicates']} near={d['near_duplicates']} "
