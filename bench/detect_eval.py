@@ -10,8 +10,15 @@ What it measures (for `YoloxOnnxDetector`, the cpu profile's detector):
 - precision and recall at the default threshold (DetectorConfig: 0.3), same matching.
 - speed: images/s of `detect()` on decoded images (median of `--repeats` passes, one image per call, as the stage
   calls it with one ONNX run per image), and images/s including JPEG decode.
+- the pipeline path, for each `--pipeline` setting: the photos served by a loopback HTTP server, crawled by ingest
+  with default settings except the analysis copy (`default`: as shipped; `none`: no analysis copy, as before it
+  existed, so the detector reads the 256 px training copy; a number: `analysis_size`), then the extract stage
+  (objects expert; the detector's score threshold set to `--map-threshold` so that mAP sees the same low-score
+  detections as the bare engine's) and the boxes of its table (in the original image's pixels): what
+  `capfactory extract` gives (bench/pipeline.py). Same scoring as the bare engine.
 
-Run:  .venv/bin/python bench/detect_eval.py [--model PATH] [--photos DIR] [--out bench/results/detect_eval.json]
+Run:  .venv/bin/python bench/detect_eval.py [--model PATH] [--photos DIR] [--pipeline default,none]
+      [--out bench/results/detect_eval.json]
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import machine_info  # noqa: E402
-from infra.settings import DetectorConfig  # noqa: E402
+from bench.pipeline import describe, image_settings, ingest_and_extract  # noqa: E402
+from infra.models import Detection  # noqa: E402
+from infra.settings import DetectorConfig, ExtractConfig  # noqa: E402
 from tasks.detect import YoloxOnnxDetector  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -158,6 +167,21 @@ def timed_passes(det: YoloxOnnxDetector, images: list[Image.Image], repeats: int
     return secs
 
 
+def pipeline_scores(setting: str, rows: list[dict], photos: Path, model: Path, low: float, threshold: float) -> dict:
+    """mAP and P/R at `threshold` of the extract table's detections, the photos ingested with `setting`."""
+    files = [photos / r["file"] for r in rows]
+    extract = ExtractConfig(experts=("objects",), detector={"model": str(model), "score_threshold": low})
+    run = ingest_and_extract(files, extract, str(model.parent), image_settings(setting))
+    dets = [[Detection(o["label"], o["score"], o["box"]) for o in run["rows"][f]["objects"] or []] for f in files]
+    at_low = evaluate(rows, dets)
+    at_default = evaluate(rows, [[d for d in ds if d.score >= threshold] for ds in dets])
+    return {"setting": setting, "system": describe(setting), "map50": at_low["map50"],
+            "precision_at_threshold": at_default["precision"], "recall_at_threshold": at_default["recall"],
+            "tp_at_threshold": at_default["tp"], "fp_at_threshold": at_default["fp"],
+            "tar_bytes": run["tar_bytes"], "training_copy_images": run["training_copy_images"],
+            "extract_s": run["extract_s"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -165,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=DetectorConfig().score_threshold)
     ap.add_argument("--map-threshold", type=float, default=0.01)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pipeline", default="default,none",
+                    help="ingest image settings to run the pipeline path with (default | none | analysis_size)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "detect_eval.json")
     args = ap.parse_args(argv)
 
@@ -180,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     at_default = evaluate(rows, [default.detect([im])[0] for im in images])
     secs = timed_passes(default, images, args.repeats)
     detect_s = statistics.median(secs)
+    pipeline = [pipeline_scores(x.strip(), rows, args.photos, args.model, args.map_threshold, args.threshold)
+                for x in args.pipeline.split(",") if x.strip()]
 
     result = {
         "model_id": default.model_id,
@@ -202,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "detect_pass_seconds": secs,
         "ap50_per_class": at_low["ap50_per_class"],
         "gt_per_class": at_low["gt_per_class"],
+        "pipeline": pipeline,
         "machine": machine_info(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, value in table:
         print(f"{name:<34} {value:>10}")
+    print(f"\n{'system (mAP and P/R as above)':<48} {'mAP@0.5':>8} {'P':>6} {'R':>6} {'TP/FP':>9}")
+    print(f"{'bare engine on the original files':<48} {result['map50']:>8.3f} "
+          f"{result['precision_at_threshold']:>6.3f} {result['recall_at_threshold']:>6.3f} "
+          f"{result['tp_at_threshold']:>4}/{result['fp_at_threshold']:<4}")
+    for p in pipeline:
+        print(f"{p['system']:<48} {p['map50']:>8.3f} {p['precision_at_threshold']:>6.3f} "
+              f"{p['recall_at_threshold']:>6.3f} {p['tp_at_threshold']:>4}/{p['fp_at_threshold']:<4}")
     worst = sorted(result["ap50_per_class"].items(), key=lambda kv: kv[1])[:5]
     print("lowest AP classes: " + ", ".join(f"{k} {v:.2f} (n={result['gt_per_class'][k]})" for k, v in worst))
     print(f"wrote {args.out}")

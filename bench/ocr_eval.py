@@ -23,9 +23,15 @@ Systems:
 - `bare RapidOCR()(pil_img)`: the same engine given the PIL image, which it converts to BGR itself;
 - `bare RapidOCR rec-only` (crops only): recognition without detection (`use_det=False`), the crop as one line;
 - `RapidOCRBackend min_score=S`: our backend (tasks/ocr.py), as the stage calls it, for each `--min-scores`;
-- `tesseract` (only when the `tesseract` binary is on PATH): `tesseract IMG stdout -l eng`, one subprocess per image.
+- `tesseract` (only when the `tesseract` binary is on PATH): `tesseract IMG stdout -l eng`, one subprocess per image;
+- `pipeline [S]` for each `--pipeline` setting S: the scene images served by a loopback HTTP server, crawled by
+  ingest with default settings except the analysis copy (`default`: as shipped; `none`: no analysis copy, as before
+  it existed, so OCR reads the 256 px training copy; a number: `analysis_size`), then the extract stage (OCR expert,
+  default `ExtractConfig`) and its table's `ocr` lines: what `capfactory extract` gives (bench/pipeline.py). Its
+  speed columns are the stage's wall time per image (ingest not included).
 
-Run:  .venv/bin/python bench/ocr_eval.py [--data DIR] [--min-scores 0.5,0.0] [--out bench/results/ocr_eval.json]
+Run:  .venv/bin/python bench/ocr_eval.py [--data DIR] [--min-scores 0.5,0.0] [--pipeline default,none]
+      [--out bench/results/ocr_eval.json]
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import machine_info  # noqa: E402
+from bench.pipeline import describe, image_settings, ingest_and_extract  # noqa: E402
+from infra.settings import ExtractConfig  # noqa: E402
 from tasks.ocr import RapidOCRBackend, ocr_words  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "text_images"
@@ -120,6 +128,20 @@ def score_scenes(read: Reader, scenes: list[dict], data: Path, repeats: int) -> 
         outputs = [read(img) for img in images]
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
+    return score_outputs(scenes, outputs, walls, cpus)
+
+
+def score_pipeline(setting: str, scenes: list[dict], data: Path) -> dict:
+    """The scene images through ingest (loopback crawl) and the extract stage's OCR expert."""
+    files = [data / r["file"] for r in scenes]
+    c0 = time.process_time()
+    run = ingest_and_extract(files, ExtractConfig(experts=("ocr",)), "", image_settings(setting))
+    outputs = [[line["text"] for line in run["rows"][f]["ocr"] or []] for f in files]
+    result = score_outputs(scenes, outputs, [run["extract_s"]], [time.process_time() - c0])
+    return {**result, "tar_bytes": run["tar_bytes"], "training_copy_images": run["training_copy_images"]}
+
+
+def score_outputs(scenes: list[dict], outputs: list[list[str]], walls: list[float], cpus: list[float]) -> dict:
     tp = n_pred = n_gt = cjk_lines = 0
     per_image = []
     for r, lines in zip(scenes, outputs, strict=True):
@@ -155,6 +177,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--min-scores", default="0.5,0.0", help="comma-separated min_score values for our backend")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes over the scene images (median reported)")
+    ap.add_argument("--pipeline", default="default,none",
+                    help="ingest image settings to run the pipeline path with (default | none | analysis_size)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ocr_eval.json")
     args = ap.parse_args()
     if not (args.data / "labels.jsonl").is_file():
@@ -182,7 +206,12 @@ def main() -> None:
                         "scenes": score_scenes(reader, scenes, args.data, args.repeats) if on_scenes else None,
                         "crops": score_crops(reader, crops, args.data) if on_crops else None})
 
-    header = (f"{'system':<34} {'P':>6} {'R':>6} {'F1':>6} {'match/gt/pred':>14} {'CJK':>4} "
+    for setting in (x.strip() for x in args.pipeline.split(",") if x.strip()):
+        name = describe(setting)
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        results.append({"system": name, "scenes": score_pipeline(setting, scenes, args.data), "crops": None})
+
+    header = (f"{'system':<48} {'P':>6} {'R':>6} {'F1':>6} {'match/gt/pred':>14} {'CJK':>4} "
               f"{'img/s':>6} {'cpu s/img':>9} {'crops acc':>10}")
     print(f"\nICDAR2015 test: {len(scenes)} scene images (word P/R/F1), {len(crops)} word crops (accuracy)")
     print(header)
@@ -191,16 +220,16 @@ def main() -> None:
         s, c = r["scenes"], r["crops"]
         crops_txt = f"{c['correct']}/{c['crops']} {c['accuracy']:.2f}" if c else "-"
         if s:
-            print(f"{r['system']:<34} {s['precision']:>6.3f} {s['recall']:>6.3f} {s['f1']:>6.3f} "
+            print(f"{r['system']:<48} {s['precision']:>6.3f} {s['recall']:>6.3f} {s['f1']:>6.3f} "
                   f"{s['matched']:>4}/{s['gt_words']}/{s['pred_words']:<4} {s['cjk_lines']:>4} "
                   f"{s['images_per_s']:>6.2f} {s['cpu_s_per_image']:>9.2f} {crops_txt:>10}")
         else:
-            print(f"{r['system']:<34} {'-':>6} {'-':>6} {'-':>6} {'-':>14} {'-':>4} {'-':>6} {'-':>9} {crops_txt:>10}")
+            print(f"{r['system']:<48} {'-':>6} {'-':>6} {'-':>6} {'-':>14} {'-':>4} {'-':>6} {'-':>9} {crops_txt:>10}")
     if not tesseract:
         print("(tesseract: not installed, no row)")
     reference = next(r for r in results if r["system"] == "bare RapidOCR()(pil_img)")["scenes"]["per_image"]
     for r in results:
-        if r["scenes"] and r["system"].startswith("RapidOCRBackend"):
+        if r["scenes"] and r["system"].startswith(("RapidOCRBackend", "pipeline")):
             same = sum(Counter(a["pred"]) == Counter(b["pred"]) for a, b in zip(r["scenes"]["per_image"], reference,
                                                                                 strict=True))
             r["scenes"]["same_lines_as_bare_pil"] = same

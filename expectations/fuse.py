@@ -1,5 +1,9 @@
 """Suite `fused`: the LLM fusion table (tasks/fuse.py FUSED_SCHEMA), one row per raw sample.
 
+A caption slot that fails a row-level check while its fused caption is in place (its guard verdict true) falls
+back to the alt-text on its own and the sample keeps its other captions (`CAPTION_SLOTS`, applied by
+tasks/validate.py and tasks/publish.py); a failing row whose caption already is the alt-text is quarantined.
+
 Leakage is checked twice. Captions the guards accepted (`short_passed` / `dense_passed`) must match none of
 `tasks.guards.LEAKAGE_PATTERNS` (the stage's own list: validation re-checks that the stage honoured it). Every
 caption, the alt-text fallbacks included, must match none of `always_leaking()`: the prompt templates' sentences
@@ -12,7 +16,6 @@ import re
 from functools import cache
 
 import great_expectations.expectations as gxe
-import yaml
 
 from expectations.common import SuiteInputs, provenance, sample_keys, status_values, table_shape, text_column, where
 from tasks.fuse import FUSED_SCHEMA, PROMPTS
@@ -20,7 +23,9 @@ from tasks.guards import LEAKAGE_PATTERNS
 
 SUITE = "fuse"
 ROW_ID = ("key",)
-CAPTIONS = {"caption_short": "short_passed", "caption_dense": "dense_passed"}
+# Caption column -> (its guard verdict, its guard reasons): the slots that fall back to the alt-text on their own.
+CAPTION_SLOTS = {"caption_short": ("short_passed", "short_reasons"),
+                 "caption_dense": ("dense_passed", "dense_reasons")}
 MIN_PHRASE_WORDS = 4  # template sentences shorter than this are too generic to call leakage
 WINDOW_WORDS = 6  # longer sentences leak in parts: any 6 consecutive words of one count
 _MARKERS = (
@@ -38,17 +43,13 @@ _MARKERS = (
 def template_text() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(sentences, field labels) of every prompt template: the system message and instructions, and the data
     block's labels ("text visible in the image", ...)."""
+    from tasks.fuse import FACT_LABELS, prompt_texts
+
     sentences: set[str] = set()
-    labels: set[str] = set()
+    labels = set(FACT_LABELS.values()) | {"caption 1", "caption 2", "sentence 1", "sentence 2", "new sentence"}
     for path in sorted(PROMPTS.glob("*.yaml")):
-        prompts = yaml.safe_load(path.read_text(encoding="utf-8"))
-        texts = [prompts["system"]]
-        for outputs in prompts["modes"].values():
-            for template in outputs.values():
-                data, _, instruction = template.partition("</data>")
-                texts.append(instruction)
-                labels |= {line.split(":", 1)[0].strip() for line in data.splitlines() if ":" in line}
-        for text in texts:
+        for text in prompt_texts(path.stem):
+            text = re.sub(r"\{[a-z_]+\}", " ", text)
             sentences |= {s for s in re.split(r"(?<=[.!?:])\s+", " ".join(text.split()))
                           if len(s.split()) >= MIN_PHRASE_WORDS}
     return tuple(sorted(sentences)), tuple(sorted(labels))
@@ -80,7 +81,7 @@ def expectations(inputs: SuiteInputs) -> list:
         *status_values(["ok", "skipped", "error"]),
         *provenance(),
     ]
-    for caption, passed in CAPTIONS.items():
+    for caption, (passed, _) in CAPTION_SLOTS.items():
         accepted = f'status == "ok" and {passed} == True'
         out += [
             *text_column(caption, cfg.caption_min_chars, cfg.caption_max_chars),

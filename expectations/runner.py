@@ -68,18 +68,6 @@ class SuiteRun:
     failures: list[Failure]
     gx_result: dict  # the GX validation result as JSON, without the full per-row lists
 
-    @property
-    def table_failures(self) -> list[Failure]:
-        return [f for f in self.failures if f.rows is None]
-
-    def bad_rows(self) -> dict[int, list[str]]:
-        """Row position -> the row-level expectations it failed."""
-        out: dict[int, list[str]] = {}
-        for f in self.failures:
-            for row in f.rows or ():
-                out.setdefault(row, []).append(f.name)
-        return out
-
 
 def _plain(value):
     """JSON-able form of GX's observed values (numpy scalars, tuples)."""

@@ -15,12 +15,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.stage import make_stage, needs_gpu, run_in_flow
+from flows.preflight import needs_gpu, preflight, selected_stages
+from flows.stage import run_in_flow
 from infra.lease import dataset_lease
 from infra.runtime import flow_runtime
-from infra.settings import DatasetSpec, Settings, SpecError, build_spec, load_spec
-from infra.stages import in_order
+from infra.settings import DatasetSpec, Settings, build_spec, load_spec
 from infra.store import open_store
+from infra.stored_spec import save_spec
 from tasks.stage import ShardStage
 
 
@@ -32,21 +33,12 @@ def resolve_build_spec(spec: DatasetSpec | dict | str) -> DatasetSpec:
     return build_spec(spec)
 
 
-def selected_stages(spec: DatasetSpec, stages: list[str] | None) -> tuple[str, ...]:
-    try:
-        return in_order(tuple(stages) if stages else spec.stages)  # always in pipeline order
-    except ValueError as e:
-        raise SpecError(str(e)) from None
-
-
 def build_stages(spec: DatasetSpec, chosen: tuple[str, ...]) -> list:
     """The chosen stages configured by the spec; every shard stage is planned (and its model servers asked for
     one answer) here, so a model that cannot be provided fails before anything starts."""
-    models_dir = str(Path(Settings().models_dir).resolve())
-    stages = [make_stage(name, spec, models_dir) for name in chosen]
+    stages = preflight(spec, chosen, str(Path(Settings().models_dir).resolve()))
     for stage in stages:
         if isinstance(stage, ShardStage):
-            stage.plan()
             stage.check_backends()
     return stages
 
@@ -67,9 +59,11 @@ def build_flow(spec: dict | str, stages: list[str] | None = None, dask_address: 
     store = ds.store or settings.store
     results: dict[str, Any] = {"dataset": ds.name, "store": store, "stages": {}, "seconds": {}}
     # One writer per dataset at a time (a CLI build, a scheduled refresh, a stage deployment): the second is refused.
-    with dataset_lease(open_store(store), ds.name, run_id=str(flow_run.id)), \
+    opened = open_store(store)
+    with dataset_lease(opened, ds.name, run_id=str(flow_run.id)), \
             flow_runtime(dask_address or settings.dask_address, workers or settings.dask_workers,
                          gpu=needs_gpu(stages), warm=_warm(stages)) as runner:
+        save_spec(opened, ds)  # later commands on the dataset (publish, report, a stage alone) use it
         for stage in stages:
             logger.info("stage %s of %s", stage.name, ds.name)
             started = time.monotonic()
@@ -93,7 +87,7 @@ def run_build(spec: DatasetSpec | dict | str, stages: list[str] | None = None, d
     cluster start side by side, then the build flow runs on them."""
     ds = resolve_build_spec(spec)
     chosen = selected_stages(ds, stages)
-    built = build_stages(ds, chosen)
+    built = build_stages(ds, chosen)  # the store, inputs, models and model servers: all before anything starts
     settings = Settings()
     with flow_runtime(dask_address or settings.dask_address, workers or settings.dask_workers,
                       gpu=needs_gpu(built), warm=_warm(built)) as runner:

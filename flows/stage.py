@@ -14,7 +14,6 @@ import inspect
 import logging
 from contextlib import nullcontext
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import dask
@@ -22,13 +21,15 @@ from prefect import Flow, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.common import failure_message, gather_shards
+from flows.preflight import needs_gpu, preflight
 from infra.lease import dataset_lease
 from infra.models import ModelUnavailable
 from infra.runtime import flow_runtime
 from infra.settings import DatasetSpec, Settings
 from infra.stages import migrate_layout, stage_class
 from infra.store import open_store
-from tasks.stage import BackendError, ShardStage, StageError, merge_totals
+from infra.stored_spec import save_spec
+from tasks.stage import BackendError, ShardStage, StageError, merge_totals, progress_topic
 
 log = logging.getLogger("capfactory")
 
@@ -40,16 +41,6 @@ def open_dataset(store: str | None, dataset: str):
     if moved:
         log.warning("moved %d objects of %s from the old folder names to the stage names", moved, dataset)
     return opened
-
-
-def make_stage(name: str, spec: DatasetSpec, models_dir: str | None = None, **options: Any):
-    """The stage `name` configured by its spec section (shard stages also take the models folder and options such
-    as ingest's `retry_failed`)."""
-    cls = stage_class(name)
-    if not issubclass(cls, ShardStage):
-        return cls()
-    models_dir = str(Path(models_dir or Settings().models_dir).resolve())
-    return cls.from_spec(spec, models_dir, **options)
 
 
 def worth_retrying(task, task_run, state) -> bool:
@@ -128,7 +119,8 @@ def _run_shard_stage(stage: ShardStage, dataset: str, store: str | None, progres
         check_gpu_workers(stage)
     with dask.annotate(resources={"GPU": 1}) if plan.gpu else nullcontext():  # the GPU rule: the plan decides
         futures = {shard_task.submit(stage, store_uri, dataset, s): s for s in todo}
-    finished, failed = gather_shards(futures, samples, f"{stage.name} {dataset}", progress, logger)
+    finished, failed = gather_shards(futures, samples, f"{stage.name} {dataset}", progress, logger,
+                                     topic=progress_topic(stage.name, dataset))
     finished.sort(key=lambda s: s["shard"])
     result = {"stage": stage.name, "dataset": dataset, "store": store_uri, "config_hash": stage.config_hash,
               "backends": plan.backends, "shards_run": [s["shard"] for s in finished], "shards_failed": sorted(failed),
@@ -171,21 +163,20 @@ def run_in_flow(stage, spec: DatasetSpec, store: str, runner, progress: bool) ->
     return run(dataset=spec.name, store=store, spec=spec, **kwargs)
 
 
-def needs_gpu(stages) -> bool:
-    """Whether local workers must advertise a GPU: some stage's plan places its tasks on one."""
-    return any(isinstance(s, ShardStage) and s.plan().gpu for s in stages)
-
-
 def run_stage(name: str, spec: DatasetSpec, *, models_dir: str | None = None, dask_address: str | None = None,
-              workers: int | None = None, progress: bool = False, **options: Any) -> dict:
-    """`capfactory <stage>`: plan first (errors before anything starts), then the Prefect API and the Dask cluster,
-    then the stage's flow on them."""
-    stage = make_stage(name, spec, models_dir, **options)
-    gpu = needs_gpu([stage])  # plans the stage: a model that cannot be provided fails here
+              workers: int | None = None, progress: bool = False, keep_spec: bool = False, **options: Any) -> dict:
+    """`capfactory <stage>`: plan first (errors before anything starts: inputs, models, the store), then the
+    Prefect API and the Dask cluster, then the stage's flow on them. `keep_spec`: the run was given a spec, which
+    is kept with the dataset for later commands."""
+    [stage] = preflight(spec, (name,), models_dir, **options)  # the store, inputs and models: fail here, at once
+    gpu = needs_gpu([stage])
     settings = Settings()
     store = spec.store or settings.store
+    opened = open_store(store)
     # One writer per dataset at a time: a second run is refused, naming this one.
-    with dataset_lease(open_store(store), spec.name):
+    with dataset_lease(opened, spec.name):
+        if keep_spec:
+            save_spec(opened, spec)
         if isinstance(stage, ShardStage):
             if not stage.has_prepare:
                 stage.preflight(open_dataset(store, spec.name), spec.name)  # a dataset it cannot run on fails here

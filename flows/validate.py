@@ -34,10 +34,12 @@ def data_docs_task(store_uri: str, dataset: str, suites: list[str]) -> str:
 
 
 def _table(summary: dict) -> str:
-    lines = ["| suite | shards | passed | quarantined rows | failing expectations |", "|---|---|---|---|---|"]
+    lines = ["| suite | shards | passed | quarantined rows | captions back to the alt-text | failing expectations |",
+             "|---|---|---|---|---|---|"]
     for suite, s in summary["suites"].items():
         failing = ", ".join(f"`{k}` x{v}" for k, v in sorted(s["failing_expectations"].items())) or "-"
-        lines.append(f"| {suite} | {s['shards']} | {s['passed']} | {s['quarantined_rows']} | {failing} |")
+        lines.append(f"| {suite} | {s['shards']} | {s['passed']} | {s['quarantined_rows']} | "
+                     f"{s['caption_fallbacks']} | {failing} |")
     return "\n".join(lines)
 
 
@@ -45,7 +47,8 @@ def _table(summary: dict) -> str:
 def validate_flow(dataset: str, store: str | None = None, spec: DatasetSpec | None = None,
                   progress: bool = False) -> dict:
     """Validate each stage output's shards with its suite; quarantine bad rows or fail, as `spec.validation`
-    says; write per-shard results, a summary and GX data docs under `<dataset>/validation/`."""
+    says (a caption that fails alone falls back to the alt-text); write per-shard results, a summary and GX data
+    docs under `<dataset>/validate/`."""
     logger = get_run_logger()
     spec = spec or DatasetSpec(name=dataset)
     cfg = spec.validation
@@ -54,7 +57,7 @@ def validate_flow(dataset: str, store: str | None = None, spec: DatasetSpec | No
     if not planned_shards(store, dataset):
         raise ValueError(f"dataset {dataset!r} has no ingested shards in {store_uri}; run `capfactory ingest` first")
     suites, skipped = suites_to_run(store, dataset, cfg)
-    reference = ensure_reference(store, dataset, cfg) if "scores" in suites else None
+    reference = ensure_reference(store, dataset, cfg) if "score" in suites else None
     plan = shards_to_validate(store, dataset, cfg, suites, reference)
     logger.info("validating %s (%s); no output yet: %s", ", ".join(f"{s}: {len(plan[s][0])} shards" for s in suites),
                 cfg.on_failure, ", ".join(skipped) or "-")

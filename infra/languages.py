@@ -64,7 +64,7 @@ _ALIASES: dict[str, str] = {**{c: c for c in LANGUAGES}, **{lang.iso3: c for c, 
                             **{lang.nllb.lower(): c for c, lang in LANGUAGES.items() if lang.nllb},
                             **_EXTRA_ALIASES}
 # py3langid confuses these close languages on short text; a detection of any of them counts for the others.
-_CLOSE = [{"cs", "sk"}, {"ms", "id"}, {"no", "nb", "nn"}, {"hr", "sr", "bs"}]
+_CLOSE = [{"cs", "sk"}, {"ms", "id"}, {"no", "nb", "nn"}, {"hr", "sr", "bs"}, {"pt", "gl"}]
 
 
 def canonical_language(code: str) -> str:

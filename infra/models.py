@@ -18,14 +18,16 @@ from PIL import Image
 # role -> backend name -> "module:Class"; modules are imported only when a backend is used.
 BACKENDS: dict[str, dict[str, str]] = {
     "ocr": {"rapidocr": "tasks.ocr:RapidOCRBackend", "paddleocr": "tasks.ocr:PaddleOCRBackend"},
-    "detector": {"yolox-onnx": "tasks.detect:YoloxOnnxDetector", "owlv2": "tasks.detect:Owlv2Detector"},
+    "detector": {"yolox-onnx": "tasks.detect:YoloxOnnxDetector", "owlv2": "tasks.detect:Owlv2Detector",
+                 "yolov3-tiny": "tasks.darknet:YoloV3TinyDetector"},  # the fallback where no YOLOX file exists
     "clip": {"open_clip": "tasks.attributes:OpenClipScorer"},
     "nsfw": {"open_nsfw": "tasks.safety:OpenNsfwClassifier"},
     "captioner": {"openai": "tasks.caption:OpenAICaptioner", "transformers": "tasks.caption:TransformersCaptioner"},
     "llm": {"llamacpp": "tasks.llm:LlamaCppLLM", "openai": "tasks.llm:OpenAILLM", "vllm": "tasks.llm:VllmLLM"},
     "translator": {"bergamot": "tasks.translators:BergamotTranslator",
                    "ctranslate2": "tasks.translators:CTranslate2Translator",
-                   "openai": "tasks.translators:OpenAITranslator"},
+                   "openai": "tasks.translators:OpenAITranslator",
+                   "llamacpp": "tasks.translators:LlamaCppTranslator"},
 }
 # The backend each role uses by default in each profile. None: the role is off unless configured.
 PROFILES: dict[str, dict[str, str | None]] = {
@@ -37,10 +39,16 @@ PROFILES: dict[str, dict[str, str | None]] = {
             "nsfw": "open_nsfw"},
 }
 
+# The translator for the language pairs the profile's translator lacks (Bergamot has only en<->pt): the fusion LLM
+# in process. The translate stage names per language which one it used.
+TRANSLATOR_FALLBACK: dict[str, str | None] = {"cpu": "llamacpp", "gpu": None}
+
 # Backends that cannot run without a CUDA device, and backends that never use one (HTTP clients of a server that
 # has its own). Every other backend runs on the GPU worker when its stage's profile is `gpu`.
 GPU_ONLY = frozenset({"vllm"})
 NO_DEVICE = frozenset({"openai"})
+# The cores a worker process may use for a model's own thread pool (llama.cpp's n_threads), set by infra.cluster.
+WORKER_THREADS_ENV = "CAPFACTORY_THREADS_PER_WORKER"
 
 
 def needs_gpu(profile: str, backends) -> bool:
@@ -140,7 +148,7 @@ class LLMBackend(Protocol):
 # ---- loading ----------------------------------------------------------------------------------------------------
 
 _cache: dict[tuple, Any] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: a backend may load another in its constructor (the llamacpp translator its LLM)
 
 
 def backend_class(role: str, name: str) -> type:

@@ -15,6 +15,7 @@ which concurrent runs lock and fill up); it starts as a copy of an already migra
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import shutil
 import signal
@@ -31,8 +32,10 @@ from pathlib import Path
 import httpx
 from prefect_dask import DaskTaskRunner
 
-from infra.cluster import start_local_cluster
+from infra.cluster import local_workers, start_local_cluster
 from infra.net import free_port
+
+log = logging.getLogger("capfactory")
 
 SERVER_START_TIMEOUT = 120.0
 
@@ -59,6 +62,28 @@ def _warm_worker(modules: tuple[str, ...]) -> None:
     # Import what a worker's first task needs, before the first task arrives.
     for module in ("prefect.task_engine", *modules):
         importlib.import_module(module)
+
+
+async def _drain_worker() -> None:
+    # Ship a worker's last Prefect logs and events while the API is still up: the process then exits when asked,
+    # instead of flushing them at interpreter exit past the nanny's 4 s grace (and being killed, with a warning).
+    # Run in the worker's event loop, where drain_all returns an awaitable.
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        await service.drain_all(timeout=5)
+
+
+def _close_cluster(cluster) -> None:
+    from distributed import Client
+
+    try:
+        with Client(cluster) as client:
+            client.run(_drain_worker)
+    except Exception as e:  # a worker already gone: close the rest anyway
+        log.debug("draining the workers failed: %s", e)
+    cluster.close()
 
 
 def _start_cluster(n_workers: int | None, gpu: bool, warm: tuple[str, ...], out: dict) -> None:
@@ -157,6 +182,13 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, exit_cleanly)
 
 
+def _starting_line(dask_address: str | None, n_workers: int | None, api_url: str | None) -> str:
+    api = f"using the Prefect API at {api_url}" if api_url else "starting a Prefect API"
+    dask = f"attaching to the Dask scheduler at {dask_address}" if dask_address else \
+        f"a Dask cluster ({n_workers or local_workers()} workers)"
+    return f"{api} and {dask}..."
+
+
 @contextmanager
 def flow_runtime(dask_address: str | None = None, n_workers: int | None = None, *, gpu: bool = False,
                  warm: tuple[str, ...] = ()) -> Iterator[DaskTaskRunner]:
@@ -167,6 +199,10 @@ def flow_runtime(dask_address: str | None = None, n_workers: int | None = None, 
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    # Said when something starts (seconds of start-up follow); attaching to both is instant (and, inside `build`,
+    # already said by the CLI's runtime).
+    log.log(logging.DEBUG if dask_address and PREFECT_API_URL.value() else logging.INFO, "%s",
+            _starting_line(dask_address, n_workers, PREFECT_API_URL.value()))
     with ExitStack() as stack:
         server = None
         if not PREFECT_API_URL.value():
@@ -190,6 +226,7 @@ def flow_runtime(dask_address: str | None = None, n_workers: int | None = None, 
             if "error" in started:
                 raise started["error"]
             cluster = started["cluster"]
-            stack.callback(cluster.close)
+            stack.callback(_close_cluster, cluster)
             dask_address = cluster.scheduler_address
+            log.info("Dask dashboard: %s", cluster.dashboard_link)
         yield DaskTaskRunner(address=dask_address)

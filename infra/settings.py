@@ -109,6 +109,21 @@ class ImageConfig(_Strict):
     min_image_size: int = Field(default=0, ge=0, description="smallest side of the original, in pixels")
     max_aspect_ratio: float | None = Field(default=None, ge=1.0)
     max_image_pixels: int = Field(default=50_000_000, gt=0, description="decompression-bomb limit")
+    analysis_size: int | None = Field(
+        default=2048, ge=0, le=16383,
+        description="longest side of the analysis copy the experts read (KEY.analysis.<ext> beside the training "
+                    "copy; the original bytes when already within it); 0: the original bytes as they came; null: "
+                    "no analysis copy (the experts read the training copy)")
+    skip_reencode: bool = Field(default=True, description="store the original bytes as the training copy when no "
+                                "resize, rotation or conversion is needed and the format matches encode_format")
+
+    # New fields at these values reproduce the output made before they existed: hashed only when they differ, so
+    # such a config keeps its old hash (and its shards stay done).
+    LEGACY: ClassVar[dict] = {"analysis_size": None, "skip_reencode": False}
+
+    def hashed(self) -> dict:
+        return {k: v for k, v in self.model_dump(mode="json").items()
+                if k not in self.LEGACY or v != self.LEGACY[k]}
 
 
 class IngestConfig(_Strict):
@@ -122,7 +137,7 @@ class IngestConfig(_Strict):
         existing datasets' markers carry."""
         d = self.download
         relevant = {
-            "images": self.images.model_dump(mode="json"),
+            "images": self.images.hashed(),
             "optout": [d.respect_robots_txt, d.respect_x_robots_tag, sorted(d.disallowed_directives)],
             "allow_cidrs": sorted(d.allow_cidrs),
             "max_bytes": d.max_bytes,
@@ -200,7 +215,7 @@ class FuseConfig(_Strict):
     backend: str | None = Field(default=None, description="llamacpp | openai | vllm (default: by profile)")
     model: str | None = Field(default=None, description="GGUF file, served model name, or vLLM model id")
     endpoint: str | None = Field(default=None, description="OpenAI-compatible base URL for the openai backend")
-    prompt_version: str = Field(default="v1", pattern=r"^[A-Za-z0-9_.-]+$")
+    prompt_version: str = Field(default="v2", pattern=r"^[A-Za-z0-9_.-]+$")
     outputs: tuple[Literal["short", "dense"], ...] = ("short", "dense")
     temperature: float = Field(default=0.0, ge=0, le=2)
     max_tokens_short: int = Field(default=48, ge=8, le=1024)
@@ -209,11 +224,14 @@ class FuseConfig(_Strict):
     max_words_short: int = Field(default=30, ge=1)
     max_words_dense: int = Field(default=120, ge=1)
     max_unsupported: int = Field(default=0, ge=0, description="objects a caption may assert without support")
+    min_object_score: float = Field(default=0.6, ge=0, le=1, description="detections below this score are neither "
+                                    "facts in the prompt nor support for a caption")
     language: str | None = Field(default="en", description="expected caption language (None: no check)")
     n_ctx: int = Field(default=2048, ge=256)
     seed: int = 0
     clip: ClipConfig = Field(default=ClipConfig(), description="the image-text scorer of rank-and-fuse")
-    batch_size: int = Field(default=32, ge=1, le=100_000, description="prompts per backend call")
+    batch_size: int = Field(default=16, ge=1, le=100_000, description="prompts per backend call (progress is "
+                            "reported per call; raise it for vLLM, whose offline engine batches what it is given)")
     concurrency: int = Field(default=16, ge=1, le=4096)
     timeout: float = Field(default=120.0, gt=0)
 
@@ -237,9 +255,14 @@ class TranslateConfig(_Strict):
                                                  "restricted to `languages`), 'uniform', or {lang: weight}")
     seed: int = 0
     profile: Literal["cpu", "gpu"] = "cpu"
-    backend: str | None = Field(default=None, description="bergamot | ctranslate2 | openai (default: by profile)")
+    backend: str | None = Field(default=None, description="bergamot | ctranslate2 | openai | llamacpp for every "
+                                "language (default: by profile; cpu: bergamot where it has the pair, else llamacpp)")
+    backends: dict[str, str] = Field(default_factory=dict, description="{lang: backend}: per language, over "
+                                     "`backend` and the profile's routing")
     model: str | None = Field(default=None, description="CTranslate2 model folder (path or name under models_dir), "
                               "or the served model name for openai")
+    llm_model: str | None = Field(default=None, description="the llamacpp translator's model: a name "
+                                  "(smollm2-135m, qwen2.5-1.5b) or a GGUF file (default: the fusion default)")
     endpoint: str | None = Field(default=None, description="OpenAI-compatible base URL for the openai backend")
     segment: bool = Field(default=True, description="translate multi-sentence text sentence by sentence")
     drop_failed: bool = Field(default=True, description="leave flagged translations out of the published set "
@@ -247,6 +270,8 @@ class TranslateConfig(_Strict):
     min_length_ratio: float = Field(default=0.45, gt=0, description="translation/source characters, lower bound")
     max_length_ratio: float = Field(default=2.2, gt=0, description="upper bound")
     round_trip: bool = Field(default=False, description="translate back and score chrF against the source")
+    llm_round_trip: bool = Field(default=True, description="the round trip for the languages the llamacpp "
+                                 "translator translates, even with round_trip off")
     min_chrf: float = Field(default=35.0, ge=0, le=100, description="round-trip chrF below this is flagged")
     batch_size: int = Field(default=64, ge=1, le=100_000, description="segments per backend call")
     concurrency: int = Field(default=8, ge=1, le=4096, description="requests/threads in flight per shard task")
@@ -262,6 +287,18 @@ class TranslateConfig(_Strict):
     def _languages(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(dict.fromkeys(canonical_language(v) for v in value))
 
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, value: dict[str, str]) -> dict[str, str]:
+        return {canonical_language(lang): name for lang, name in value.items()}
+
+    @model_validator(mode="after")
+    def _routed_languages(self) -> TranslateConfig:
+        unknown = sorted(set(self.backends) - set(self.languages))
+        if unknown:
+            raise ValueError(f"translate.backends names {', '.join(unknown)}, not in translate.languages")
+        return self
+
     @field_validator("distribution")
     @classmethod
     def _distribution(cls, value: str | dict[str, float]) -> str | dict[str, float]:
@@ -275,6 +312,14 @@ class TranslateConfig(_Strict):
 
     NOT_HASHED: ClassVar[set] = {"batch_size", "concurrency", "timeout", "drop_failed"}  # drop_failed: publish's
     LOCATION: ClassVar[tuple[str, ...]] = ("endpoint",)
+    # New fields at these values reproduce the output made before they existed: hashed only when they differ.
+    LEGACY: ClassVar[dict] = {"backends": {}, "llm_model": None, "llm_round_trip": True}
+
+    def config_hash(self) -> str:
+        data = self.model_dump(mode="json", exclude=self.NOT_HASHED | {k for k, v in self.LEGACY.items()
+                                                                        if getattr(self, k) == v})
+        data["endpoint"] = None  # LOCATION
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ScoreConfig(_Strict):

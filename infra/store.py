@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import ssl
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -220,19 +222,15 @@ class S3Store(ArtifactStore):
     def __init__(self, bucket: str, prefix: str, settings: Settings):
         from minio import Minio
 
-        if not settings.s3_endpoint:
-            raise StoreError(
-                f"store s3://{bucket}/{prefix.strip('/')} needs CAPFACTORY_S3_ENDPOINT (host:port of MinIO/S3) "
-                "and CAPFACTORY_S3_ACCESS_KEY / CAPFACTORY_S3_SECRET_KEY"
-            )
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        host, secure = s3_endpoint(self.uri, settings)
         self.client = Minio(
-            settings.s3_endpoint,
+            host,
             access_key=settings.s3_access_key,
             secret_key=settings.s3_secret_key,
-            secure=settings.s3_secure,
+            secure=secure,
             region=settings.s3_region,
         )
         self._ensure_bucket()
@@ -389,23 +387,109 @@ class S3Store(ArtifactStore):
 
 
 _s3_stores: dict[tuple[str, str, str], S3Store] = {}
+# S3 bucket naming rules (lowercase letters, digits, dots, hyphens; 3-63 characters).
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+PROBE_TIMEOUT = 3.0
+
+
+def s3_endpoint(uri: str, settings: Settings) -> tuple[str, bool]:
+    """(host:port, secure) of the S3 endpoint. Written as a URL (the boto habit), its scheme decides TLS; written
+    as host:port, CAPFACTORY_S3_SECURE does. Raises StoreError naming what is missing."""
+    endpoint = (settings.s3_endpoint or "").strip()
+    if not endpoint:
+        raise StoreError(f"store {uri} needs CAPFACTORY_S3_ENDPOINT (host:port or URL of MinIO/S3)")
+    if not (settings.s3_access_key and settings.s3_secret_key):
+        raise StoreError(f"store {uri} needs credentials: set CAPFACTORY_S3_ACCESS_KEY and CAPFACTORY_S3_SECRET_KEY")
+    if "://" not in endpoint:
+        host, secure = endpoint.rstrip("/"), settings.s3_secure
+    else:
+        parsed = urlparse(endpoint)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path.strip("/") or parsed.query:
+            raise StoreError(f"CAPFACTORY_S3_ENDPOINT {endpoint!r}: expected host:port, http://host:port or "
+                             "https://host:port (no path)")
+        host, secure = parsed.netloc, parsed.scheme == "https"
+    _address(host, secure)  # a port that is not a number fails here
+    return host, secure
+
+
+def _address(endpoint: str, secure: bool) -> tuple[str, int]:
+    """(host, port) of `host:port` (`[v6]:port`; no port: the scheme's)."""
+    host, colon, port = endpoint.rpartition(":") if endpoint.rfind(":") > endpoint.rfind("]") else (endpoint, "", "")
+    try:
+        number = int(port) if colon else 443 if secure else 80
+    except ValueError:
+        number = 0
+    if not host.strip("[]") or not 0 < number < 65536:
+        raise StoreError(f"CAPFACTORY_S3_ENDPOINT {endpoint!r}: expected host:port")
+    return host.strip("[]"), number
+
+
+def _answers_http(endpoint: str, secure: bool, timeout: float = PROBE_TIMEOUT) -> None:
+    """One HTTP request to the endpoint (over TLS when `secure`): StoreError saying what is wrong when nobody
+    listens, TLS meets plain HTTP (or the reverse), or no answer comes within `timeout` seconds. Seconds, where the
+    SDK's own retries and 5-minute timeouts would take minutes to fail."""
+    address = _address(endpoint, secure)
+    fix = "set CAPFACTORY_S3_SECURE=false or write the endpoint as http://" if secure else \
+        "set CAPFACTORY_S3_SECURE=true or write the endpoint as https://"
+    try:
+        sock = socket.create_connection(address, timeout=timeout)
+    except OSError as e:
+        raise StoreError(f"cannot reach the S3 endpoint {endpoint} ({e.strerror or type(e).__name__}): is the "
+                         "server running, and is CAPFACTORY_S3_ENDPOINT right?") from None
+    try:
+        if secure:
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only probing the protocol here
+            try:
+                sock = context.wrap_socket(sock, server_hostname=address[0])
+            except (ssl.SSLError, OSError) as e:
+                raise StoreError(f"the S3 endpoint {endpoint} does not speak TLS ({e}): if it serves plain HTTP, "
+                                 f"{fix}{endpoint}") from None
+        sock.sendall(f"HEAD / HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\n\r\n".encode())
+        try:
+            first = sock.recv(16)
+        except TimeoutError:
+            raise StoreError(f"the S3 endpoint {endpoint} accepts connections but gave no HTTP answer within "
+                             f"{timeout:.0f} s") from None
+        except OSError:
+            first = b""
+        if not first.startswith(b"HTTP/"):
+            raise StoreError(f"the S3 endpoint {endpoint} gave no HTTP answer to plain HTTP: if it serves HTTPS, "
+                             f"{fix}{endpoint}")
+    finally:
+        sock.close()
+
+
+def parse_store_uri(uri: str) -> tuple[str, str, str]:
+    """("s3", bucket, prefix) or ("local", path, ""), or StoreError for a URI that is neither (a typo such as
+    `s3:/bucket` or `s4://bucket`)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc or uri[len("s3:"):][:2] != "//":
+            raise StoreError(f"store URI {uri!r} names no bucket (expected s3://bucket/prefix)")
+        if not _BUCKET.match(parsed.netloc):
+            raise StoreError(f"store URI {uri!r}: {parsed.netloc!r} is not a valid bucket name (3-63 lowercase "
+                             "letters, digits, dots and hyphens)")
+        return "s3", parsed.netloc, parsed.path.strip("/")
+    if parsed.scheme == "file":
+        return "local", parsed.path, ""
+    if parsed.scheme and len(parsed.scheme) > 1:
+        raise StoreError(f"store URI {uri!r}: unsupported scheme {parsed.scheme!r} (use a folder or s3://bucket/prefix)")
+    return "local", uri, ""
 
 
 def open_store(uri: str | None = None, settings: Settings | None = None) -> ArtifactStore:
-    """`s3://bucket/prefix` opens MinIO/S3 (once per process and settings: opening checks the bucket); a path or
-    `file://` URI opens a local folder."""
+    """`s3://bucket/prefix` opens MinIO/S3 (once per process and settings: opening probes the endpoint and checks the
+    bucket); a path or `file://` URI opens a local folder. A store that cannot be used is a StoreError at once."""
     settings = settings or Settings()
-    uri = uri or settings.store
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        if not parsed.netloc:
-            raise StoreError(f"store URI {uri!r} names no bucket (expected s3://bucket/prefix)")
-        key = (parsed.netloc, parsed.path.strip("/"), settings.model_dump_json())
+    kind, where, prefix = parse_store_uri(uri or settings.store)
+    if kind == "s3":
+        key = (where, prefix, settings.model_dump_json())
         if key not in _s3_stores:
-            _s3_stores[key] = S3Store(parsed.netloc, parsed.path, settings)
+            _answers_http(*s3_endpoint(f"s3://{where}/{prefix}".rstrip("/"), settings))
+            _s3_stores[key] = S3Store(where, prefix, settings)
         return _s3_stores[key]
-    if parsed.scheme == "file":
-        return LocalStore(parsed.path)
-    if parsed.scheme and len(parsed.scheme) > 1:
-        raise StoreError(f"store URI {uri!r}: unsupported scheme {parsed.scheme!r} (use a path or s3://)")
-    return LocalStore(uri)
+    try:
+        return LocalStore(where)
+    except OSError as e:
+        raise StoreError(f"cannot use the store folder {where}: {e.strerror or e}") from None

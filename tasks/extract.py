@@ -1,6 +1,11 @@
 """Vision experts over one ingested shard: the extract stage (OCR, objects + attributes, CLIP tags, a synthetic
 caption; the experts themselves are plug-ins in tasks/experts/).
 
+The experts read each sample's analysis copy (KEY.analysis.<ext>: the original, or a copy bounded by
+`ingest.images.analysis_size`), the training copy where it is the same image or where the shard was ingested
+without analysis copies (counted and said once in the summary). Boxes (objects, OCR lines) are in the original
+image's pixels (`original_width` x `original_height` of the ingest table, after EXIF rotation), whatever copy was read.
+
 Models come from the registry (`infra.models`), loaded once per worker process and fed in batches. Each sample
 gets a row keyed by `key`; a sample whose image failed ingest is `skipped`, a sample an expert fails on is
 `error` with the reason, and the shard always completes.
@@ -9,7 +14,6 @@ gets a row keyed by `key`; a sample whose image failed ingest is `skipped`, a sa
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 
@@ -18,7 +22,8 @@ from PIL import Image
 from infra.models import ModelUnavailable, backend_class, load_backend, needs_gpu
 from infra.settings import ExtractConfig
 from tasks.experts import Choice, Expert, experts_schema, published_columns, selected
-from tasks.shards import RAW, read_marker
+from tasks.images import decode_rgb
+from tasks.shards import RAW, read_marker, read_shard_images
 from tasks.stage import ShardContext, ShardOutput, ShardStage, StagePlan, counts_line
 
 
@@ -89,10 +94,24 @@ class ExpertRunner:
             return rows
 
 
-def _decode(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img.convert("RGB") if img.mode != "RGB" else img
+def _scale_point(p, sx: float, sy: float) -> list[float]:
+    return [p[0] * sx, p[1] * sy]
+
+
+def to_original_coordinates(row: dict, read: tuple[int, int], original: tuple[int | None, int | None]) -> dict:
+    """`row` with its boxes moved from the pixels of the copy the experts read (`read` = its size) to those of
+    the original image; a new row, the shared one (identical images share results) is left as it is."""
+    ow, oh = original
+    if not ow or not oh or tuple(read) == (ow, oh):
+        return row
+    sx, sy = ow / read[0], oh / read[1]
+    out = dict(row)
+    if row.get("objects"):
+        out["objects"] = [{**o, "box": [o["box"][0] * sx, o["box"][1] * sy, o["box"][2] * sx, o["box"][3] * sy]}
+                          for o in row["objects"]]
+    if row.get("ocr"):
+        out["ocr"] = [{**ln, "box": [_scale_point(p, sx, sy) for p in ln["box"]]} for ln in row["ocr"]]
+    return out
 
 
 class ExtractStage(ShardStage):
@@ -120,12 +139,17 @@ class ExtractStage(ShardStage):
 
     def process(self, ctx: ShardContext) -> ShardOutput:
         cfg = self.config
-        raw = ctx.read(RAW, ["key", "status"])
+        raw = ctx.read(RAW, ["key", "status", "original_width", "original_height"])
         keys = raw.column("key").to_pylist()
-        images = ctx.images()
+        originals = dict(zip(keys, zip(raw.column("original_width").to_pylist(),
+                                       raw.column("original_height").to_pylist(), strict=True), strict=True))
+        images = read_shard_images(ctx.store, ctx.dataset, ctx.shard, analysis=True)
+        # A shard ingested before analysis copies (or with them off) has only the small training copy.
+        has_analysis = (read_marker(ctx.store, ctx.dataset, RAW, ctx.shard) or {}).get("analysis") is not None
         runner = ExpertRunner(plan_experts(cfg, self.models_dir), cfg)
         rows: dict[str, dict] = {}
         todo: list[tuple[str, Image.Image]] = []
+        read_size: dict[str, tuple[int, int]] = {}  # the size of the copy each distinct image was read at
         first_of: dict[bytes, str] = {}  # identical stored images in a shard go through the models once
         copies: dict[str, str] = {}
         for key, status in zip(keys, raw.column("status").to_pylist(), strict=True):
@@ -139,16 +163,24 @@ class ExtractStage(ShardStage):
                 continue
             first_of[digest] = key
             try:
-                todo.append((key, _decode(data)))
+                image = decode_rgb(data)
             except Exception as e:  # a stored image that no longer decodes: record it, keep going
                 rows[key] = _empty_row(key, "error", f"cannot decode stored image: {e}")
+                continue
+            todo.append((key, image))
+            read_size[key] = image.size
         for start in range(0, len(todo), cfg.batch_size):
             rows.update((r["key"], r) for r in runner.run_isolated(todo[start:start + cfg.batch_size]))
+            ctx.progress(min(start + cfg.batch_size, len(todo)), len(todo))
         for key, original in copies.items():
             rows[key] = {**rows[original], "key": key}
-        ordered = [rows[k] for k in keys]
+            if original in read_size:
+                read_size[key] = read_size[original]
+        ordered = [to_original_coordinates(rows[k], read_size[k], originals[k]) if k in read_size else rows[k]
+                   for k in keys]
         return ShardOutput(ordered, {
             "images_run": len(todo),  # distinct images given to the models (identical ones share their result)
+            "training_copy_images": 0 if has_analysis else len(todo),
             "with_text": sum(1 for r in ordered if r.get("ocr_text")),
             "objects": sum(len(r.get("objects") or []) for r in ordered),
             "provenance": runner.provenance,
@@ -161,6 +193,10 @@ class ExtractStage(ShardStage):
                                                                             raw.get("finished_at")])}
 
     def summary(self, result: dict) -> list[str]:
+        fallback = result.get("training_copy_images", 0)
         return [counts_line("status", result.get("counts", {})),
                 f"  images with text: {result.get('with_text', 0)}; objects: {result.get('objects', 0)}",
-                *(f"  {role}: {model}" for role, model in result.get("provenance", {}).items())]
+                *(f"  {role}: {model}" for role, model in result.get("provenance", {}).items()),
+                *([f"  note: {fallback} images were read from the small training copy: their ingest shards have no "
+                   "analysis copy (ingested before analysis copies, or with ingest.images.analysis_size: null), so "
+                   "OCR and detection saw fewer pixels; re-run ingest to add them"] if fallback else [])]

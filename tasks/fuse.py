@@ -22,12 +22,15 @@ from pathlib import Path
 import pyarrow as pa
 import yaml
 
+from infra.model_assets import resolve_llm
 from infra.models import PROFILES, backend_class, load_backend, needs_gpu
-from infra.settings import FuseConfig
+from infra.settings import FuseConfig, Settings
 from tasks.guards import check_caption, find_injection, injection_payloads
 from tasks.lib.openai_http import server_options
+from tasks.lib.text import pluralize
 from tasks.shards import RAW
 from tasks.stage import ShardContext, ShardOutput, ShardStage, StagePlan, counts_line
+from tasks.verify import Sources, build_support, template_runs, verify_claims
 
 EXTRACT = "extract"
 PROMPTS = Path(__file__).with_name("prompts")
@@ -69,12 +72,12 @@ def prompt_hash(version: str, mode: str) -> str:
     return hashlib.sha256(json.dumps([p["system"], p["modes"][mode]], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _clean(text: str | None) -> str:
-    """Untrusted text as prompt data: no delimiters, one line, bounded length; '(none)' when empty."""
+def _clean(text: str | None) -> str | None:
+    """Untrusted text as prompt data: no delimiters, one line, bounded length; None when empty."""
     if not text:
-        return "(none)"
+        return None
     text = " ".join(_DELIMITERS.sub(" ", text).split())
-    return (text[:MAX_FIELD_CHARS] + "...") if len(text) > MAX_FIELD_CHARS else (text or "(none)")
+    return ((text[:MAX_FIELD_CHARS] + "...") if len(text) > MAX_FIELD_CHARS else text) or None
 
 
 def _strip_injection(text: str | None) -> tuple[str | None, str | None]:
@@ -86,22 +89,44 @@ def _strip_injection(text: str | None) -> tuple[str | None, str | None]:
     return " ".join(kept) or None, found
 
 
-def describe_objects(objects: list[dict] | None) -> str:
-    """'2 persons (large at middle-center; small at top-left); 1 white horse (medium at top-left)': grouped by
-    label, the colour of a single instance, sizes and positions of up to three."""
+def fallback_caption(alt_text: str | None) -> str | None:
+    """What a caption slot holds when its fused caption is not used: the alt-text without injected instructions
+    (the `alt_text` column itself stays as it came)."""
+    return _strip_injection(alt_text)[0]
+
+
+_NUMBER_WORDS = ("no", "a", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
+
+
+# Labels whose box colour is no colour of the thing: a person's is their clothes (and reads as race), food's a mix.
+_NO_COLOUR = frozenset({"person", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza",
+                        "donut", "cake", "potted plant"})
+
+
+def describe_objects(objects: list[dict] | None) -> str | None:
+    """The detections as a plain English phrase, counts as words, most frequent first: 'two people, a white
+    horse'. The colour of a single object only (the dominant colour of one box; several boxes rarely agree), and
+    never for people or food. None when nothing was detected."""
     if not objects:
-        return "(none)"
+        return None
     groups: dict[str, list[dict]] = {}
     for o in objects:
         groups.setdefault(o["label"], []).append(o)
     parts = []
-    for label, items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+    for label, items in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         n = len(items)
-        colour = items[0].get("color")
-        where = "; ".join(f"{o.get('size')} at {o.get('position')}" for o in items[:3] if o.get("size"))
-        name = label if n == 1 else (label + ("es" if label.endswith(("s", "sh", "ch")) else "s"))
-        parts.append(f"{n} {colour + ' ' if colour and n == 1 else ''}{name}" + (f" ({where})" if where else ""))
-    return "; ".join(parts)
+        colour = items[0].get("color") if n == 1 and label not in _NO_COLOUR else None
+        name = label if n == 1 else ("people" if label == "person" else pluralize(label))
+        count = _NUMBER_WORDS[n] if n < len(_NUMBER_WORDS) else "many"
+        if n == 1:
+            count = "an" if (colour or label)[0] in "aeiou" else "a"
+        parts.append(" ".join(p for p in (count, colour, name) if p))
+    return ", ".join(parts)
+
+
+def confident(objects: list[dict] | None, min_score: float) -> list[dict]:
+    """The detections a caption may state: at least `min_score` (an object without a score counts)."""
+    return [o for o in objects or [] if (o.get("score") is None or o["score"] >= min_score)]
 
 
 @dataclass
@@ -118,19 +143,57 @@ class FuseInputs:
         return [o["label"] for o in self.objects or []]
 
 
+FACT_LABELS = {"alt_text": "alt-text", "ocr_text": "text in the image", "objects": "objects",
+                "synthetic": "machine caption"}
+
+
+def facts_block(facts: dict) -> str:
+    """The facts of one image as 'label: value' lines; missing facts are left out; OCR text is quoted."""
+    lines = []
+    for name, label in FACT_LABELS.items():
+        value = facts.get(name)
+        if value:
+            lines.append(f'{label}: "{value}"' if name == "ocr_text" else f"{label}: {value}")
+    lines += [f"caption {i + 1}: {c}" for i, c in enumerate(facts.get("candidates") or [])]
+    return "\n".join(lines) or "alt-text: (no facts)"
+
+
+def prompt_spec(version: str, mode: str, output: str) -> dict:
+    """One output's prompt: {'instruction', 'examples', 'stop'} or {'template', 'stop'}."""
+    modes = load_prompts(version)["modes"]
+    if mode not in modes or output not in modes[mode]:
+        raise ValueError(f"prompt version {version!r} has no {mode}/{output} prompt")
+    return modes[mode][output]
+
+
+def prompt_texts(version: str) -> list[str]:
+    """The fixed text of a prompt version (system, instructions, templates): what a caption must not echo."""
+    p = load_prompts(version)
+    texts = [p["system"]]
+    for outputs in p["modes"].values():
+        texts += [spec.get("instruction") or spec.get("template", "") for spec in outputs.values()]
+    return texts
+
+
 def build_messages(inputs: FuseInputs, mode: str, output: str, version: str) -> tuple[list[dict], str | None]:
-    """The chat messages for one output, and any injection found (and removed) in the untrusted inputs."""
-    prompts = load_prompts(version)
+    """The chat messages for one output, and any injection found (and removed) in the untrusted inputs.
+
+    The system message and the few-shot examples (earlier user/assistant turns) come first and are the same for
+    every sample; the sample's facts come last."""
     alt, found_alt = _strip_injection(inputs.alt_text)
     ocr, found_ocr = _strip_injection(inputs.ocr_text)
-    fields = {
-        "alt_text": _clean(alt), "ocr_text": _clean(ocr), "objects": describe_objects(inputs.objects),
-        "synthetic": _clean(inputs.synthetic),
-        "candidates": "\n".join(f"caption {i + 1}: {_clean(c)}" for i, c in enumerate(inputs.candidates or [])),
-    }
-    user = prompts["modes"][mode][output].format(**fields)
-    return [{"role": "system", "content": prompts["system"]}, {"role": "user", "content": user}], \
-        found_alt or found_ocr
+    facts = {"alt_text": _clean(alt), "ocr_text": _clean(ocr), "objects": describe_objects(inputs.objects),
+             "synthetic": _clean(inputs.synthetic), "candidates": [_clean(c) for c in inputs.candidates or []]}
+    spec = prompt_spec(version, mode, output)
+    messages = [{"role": "system", "content": load_prompts(version)["system"]}]
+    if "template" in spec:
+        user = spec["template"].format(**{k: v or "" for k, v in facts.items() if k != "candidates"})
+    else:
+        for example in spec.get("examples", []):
+            messages += [{"role": "user", "content": f"{facts_block(example['facts'])}\n\n{spec['instruction']}"},
+                         {"role": "assistant", "content": " ".join(example["caption"].split())}]
+        user = f"{facts_block(facts)}\n\n{spec['instruction']}"
+    return [*messages, {"role": "user", "content": user}], found_alt or found_ocr
 
 
 def normalise_output(text: str | None) -> str | None:
@@ -138,8 +201,10 @@ def normalise_output(text: str | None) -> str | None:
     if text is None:
         return None
     text = text.strip().split("\n\n", 1)[0]
-    text = " ".join(text.split()).strip().strip('"“”\'').strip()
-    return text or None
+    text = " ".join(text.split()).strip()
+    if text[:1] in "\"“" and text.count('"') + text.count("“") + text.count("”") == 2 and text[-1:] in "\"”":
+        text = text[1:-1].strip()  # the whole caption in quotes; quoted OCR text inside stays
+    return (text[:1].upper() + text[1:]) or None
 
 
 @dataclass(frozen=True)
@@ -148,12 +213,15 @@ class LLMChoice:
     options: dict
 
 
-def plan_llm(cfg: FuseConfig) -> LLMChoice:
-    """The LLM backend for a config; raises ModelUnavailable before anything runs when it cannot be used."""
+def plan_llm(cfg: FuseConfig, models_dir: str | None = None) -> LLMChoice:
+    """The LLM backend for a config; raises ModelUnavailable before anything runs when it cannot be used (for
+    llama.cpp: a model name that is not installed, a file that is not there)."""
     name = cfg.backend or PROFILES[cfg.profile]["llm"]
     backend_class("llm", name)
     if name == "llamacpp":
-        options = {"model_path": cfg.model, "n_ctx": cfg.n_ctx, "seed": cfg.seed}
+        resolve_llm(cfg.model, models_dir or Settings().models_dir)
+        # the translate stage's in-process LLM passes the same options, so a worker loads the model once
+        options = {"model_path": cfg.model, "models_dir": models_dir, "n_ctx": cfg.n_ctx, "seed": cfg.seed}
     elif name == "openai":
         options = server_options("llm", "fuse", cfg)
     else:
@@ -192,30 +260,30 @@ class FuseStage(ShardStage):
     description = "LLM fusion of alt-text and expert outputs into short and dense captions."
     schema = FUSED_SCHEMA
     reads = ("ingest", "extract")  # the experts' output where it exists; fusion from alt-text alone otherwise
-    published = ("caption_short", "caption_dense", "short_passed", "dense_passed")
+    published = ("caption_short", "caption_dense", "short_passed", "dense_passed", "short_reasons", "dense_reasons")
     retries = 2
     warm = ("tasks.fuse",)
 
     def plan(self) -> StagePlan:
-        choice = plan_llm(self.config)
+        choice = plan_llm(self.config, self.models_dir)
         model = choice.options.get("model") or choice.options.get("model_path") or ""
         return StagePlan({"llm": f"{choice.name} {model}".strip()}, needs_gpu(self.config.profile, [choice.name]),
                          choice)
 
     def check_backends(self) -> None:
-        choice = plan_llm(self.config)
+        choice = plan_llm(self.config, self.models_dir)
         if choice.name == "openai":
             backend_class("llm", choice.name)(**choice.options).health_check()
 
     def process(self, ctx: ShardContext) -> ShardOutput:
         cfg = self.config
-        choice = plan_llm(cfg)
+        choice = plan_llm(cfg, self.models_dir)
         llm = load_backend("llm", choice.name, **choice.options)
         raw_rows = ctx.read_rows(RAW, ["key", "status", "alt_text"])
         experts = {r["key"]: r for r in ctx.read_rows(EXTRACT, ["key", "ocr_text", "objects", "caption_synthetic"],
                                                       missing_ok=True)}
         inputs = [FuseInputs(r["key"], r["alt_text"], experts.get(r["key"], {}).get("ocr_text"),
-                             experts.get(r["key"], {}).get("objects"),
+                             confident(experts.get(r["key"], {}).get("objects"), cfg.min_object_score),
                              experts.get(r["key"], {}).get("caption_synthetic")) for r in raw_rows]
         todo = [i for i, r in enumerate(raw_rows) if r["status"] == "ok"]
         if cfg.mode == "rank-and-fuse":
@@ -224,7 +292,7 @@ class FuseStage(ShardStage):
         cached = _previous_completions(ctx)
         requests, injections = _requests(inputs, todo, cfg, llm.model_id)
         missing = list({r[3]: r for r in requests if r[3] not in cached}.values())
-        answers = {key: (text, None) for key, text in cached.items()} | _complete(llm, missing, cfg)
+        answers = {key: (text, None) for key, text in cached.items()} | _complete(llm, missing, cfg, ctx.progress)
         completions = {(i, out): (*answers[key], key) for i, out, _, key in requests}
         provenance = [("llm", llm.model_id), ("mode", cfg.mode), ("prompt_version", cfg.prompt_version),
                       ("prompt_hash", prompt_hash(cfg.prompt_version, cfg.mode)), ("config_hash", self.config_hash)]
@@ -274,33 +342,42 @@ def _max_tokens(cfg: FuseConfig, out: str) -> int:
     return cfg.max_tokens_short if out == "short" else cfg.max_tokens_dense
 
 
-def _complete(llm, missing: list[tuple[int, str, list[dict], str]], cfg: FuseConfig
+def _complete(llm, missing: list[tuple[int, str, list[dict], str]], cfg: FuseConfig, progress
               ) -> dict[str, tuple[str | None, str | None]]:
-    """cache key -> (text, error) for the prompts not in the cache; identical prompts were merged before."""
+    """cache key -> (text, error) for the prompts not in the cache; identical prompts were merged before.
+    `progress(done, total)` is told after each batch."""
     answers = {}
     for out in cfg.outputs:
         batch = [r for r in missing if r[1] == out]
+        stop = prompt_spec(cfg.prompt_version, cfg.mode, out).get("stop")
         for start in range(0, len(batch), cfg.batch_size):
             chunk = batch[start:start + cfg.batch_size]
             results = llm.generate([r[2] for r in chunk], max_tokens=_max_tokens(cfg, out),
-                                   temperature=cfg.temperature)
+                                   temperature=cfg.temperature, stop=stop)
             for (_, _, _, key), res in zip(chunk, results, strict=True):
                 answers[key] = (res.text, res.error)
+            progress(len(answers), len(missing))
     return answers
+
+
+@cache
+def _echo_runs(version: str) -> frozenset[tuple[str, ...]]:
+    return template_runs(prompt_texts(version))
 
 
 def _fused_row(raw: dict, inputs: FuseInputs, injections: dict, completions: dict, i: int, cfg: FuseConfig,
                provenance: list) -> dict:
     row = {name: None for name in FUSED_SCHEMA.names}
-    # The fallback caption is the alt-text without any injected instructions (the `alt_text` column itself stays
-    # as it came).
-    fallback = _strip_injection(raw["alt_text"])[0]
+    fallback = fallback_caption(raw["alt_text"])
     row.update(key=raw["key"], alt_text=raw["alt_text"], caption_short=fallback, caption_dense=fallback)
     if i not in injections:
         row["status"] = "skipped"
         return row
     row["status"], row["input_injection"] = "ok", injections[i]
     payloads = injection_payloads(inputs.alt_text or "") + injection_payloads(inputs.ocr_text or "")
+    sources = Sources(_strip_injection(inputs.alt_text)[0], _strip_injection(inputs.ocr_text)[0], inputs.synthetic,
+                      tuple(inputs.objects or ()))
+    support = build_support(sources)
     mentioned, unsupported, errors = set(), set(), []
     for out in cfg.outputs:
         text, error, key = completions[(i, out)]
@@ -314,10 +391,11 @@ def _fused_row(raw: dict, inputs: FuseInputs, injections: dict, completions: dic
             caption, alt_text=inputs.alt_text, ocr_text=inputs.ocr_text, labels=inputs.labels,
             min_words=cfg.min_words, max_words=cfg.max_words_short if out == "short" else cfg.max_words_dense,
             language=cfg.language, max_unsupported=cfg.max_unsupported, injection_markers=payloads)
-        row[f"{out}_passed"], row[f"{out}_reasons"] = verdict.passed, verdict.reasons
+        reasons = verdict.reasons + verify_claims(caption, sources, _echo_runs(cfg.prompt_version), support)
+        row[f"{out}_passed"], row[f"{out}_reasons"] = not reasons, reasons
         mentioned |= set(verdict.mentioned)
         unsupported |= set(verdict.unsupported)
-        if verdict.passed:
+        if not reasons:
             row[f"caption_{out}"] = caption
     if errors and len(errors) == len(cfg.outputs):
         row["status"] = "error"

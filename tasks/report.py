@@ -1,33 +1,46 @@
 """The dataset report: one self-contained HTML page (plots and thumbnails inline as base64 PNG/JPEG) written to
 `<dataset>/report/index.html`.
 
-Sections: overview, status and errors, scores (with the filter thresholds drawn), languages, OCR coverage,
-caption length before and after fusion, filter drop counts, and a gallery of samples with their captions. A stage
-that did not run leaves its section saying so. Every text from the data (alt-text above all) is HTML-escaped, and a
-Content-Security-Policy without scripts keeps a missed escape inert.
+What a dataset engineer looks for first comes first: the funnel (samples in, downloaded, each gate, selected),
+the validation results (each failed expectation with examples, rows and the action taken; readable offline, the
+GX data docs are linked), rejected and quarantined examples with their reasons, caption guard pass rates and
+rejection reasons, translation QE per language; then scores, filters, languages, OCR coverage, object classes,
+caption lengths, a gallery (OCR text, detected objects and OCR boxes drawn on the thumbnails) and stage timings.
+A stage that did not run leaves its section saying so. Every text from the data (alt-text above all) is
+HTML-escaped, and a Content-Security-Policy without scripts keeps a missed escape inert.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import time
 from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from matplotlib.figure import Figure
-from PIL import Image
 
 from infra.settings import DatasetSpec, ScoreConfig
 from infra.store import ArtifactStore
 from tasks.publish import raw_images, read_release, select_samples, stages_run
+from tasks.report_html import NOT_RUN, anchor, img, png, thumbnail
+from tasks.report_html import bar as _bar
+from tasks.report_sections import (
+    funnel_section,
+    guards_section,
+    objects_section,
+    rejected_rows,
+    rejected_section,
+    stage_table,
+    timings_section,
+    translation_section,
+    validation_section,
+)
+from tasks.shards import RAW, input_key, planned_shards, read_marker
 from tasks.stage import Stage
+from tasks.validate import caption_fallbacks, quarantine_reasons
 
 STAGE = "report"
-THUMB = 192
-NOT_RUN = '<p class="not-run">{} stage not run.</p>'
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
@@ -39,30 +52,10 @@ table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:.25rem .6rem
 .card{border:1px solid #ddd;border-radius:6px;padding:.5rem;font-size:.8rem;overflow-wrap:anywhere}
 .card img{display:block;margin:0 auto .4rem;max-width:100%} .card p{margin:.2rem 0}
 .sel{color:#0a7d28;font-weight:bold} .unsel{color:#b3261e;font-weight:bold}
+nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:.4rem 0;font-size:.85rem;z-index:1;
+display:flex;flex-wrap:wrap;gap:.2rem .8rem} nav a{white-space:nowrap}
+table.wide{font-size:.8rem} table.wide td{max-width:28rem} .legend span{font-weight:bold} .ocr{color:#00798c}
 """
-
-
-def _png(fig: Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _img(b64: str, alt: str, mime: str = "png") -> str:
-    return f'<img src="data:image/{mime};base64,{b64}" alt="{html.escape(alt)}">'
-
-
-def _bar(counts: dict, title: str, xlabel: str = "samples") -> str:
-    """A horizontal bar chart, largest first, with the counts written on the bars."""
-    items = sorted(counts.items(), key=lambda kv: kv[1])[-20:]
-    fig = Figure(figsize=(6, 0.4 * len(items) + 1.2))
-    ax = fig.subplots()
-    bars = ax.barh([str(k) for k, _ in items], [v for _, v in items], color="#4c72b0")
-    ax.bar_label(bars, padding=3)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.margins(x=0.15)
-    return _img(_png(fig), title)
 
 
 def _column(table: pa.Table, name: str) -> list:
@@ -110,7 +103,7 @@ def _scores_section(table: pa.Table, cfg: ScoreConfig) -> str:
         ax.set_title(f"{col} ({len(values)} samples)")
         ax.set_xlabel("score")
         ax.set_ylabel("samples")
-        plots.append(_img(_png(fig), f"{col} histogram"))
+        plots.append(img(png(fig), f"{col} histogram"))
     note = f'<p class="not-run">No values (model off): {html.escape(", ".join(empty))}.</p>' if empty else ""
     return f'<div class="plots">{"".join(plots)}</div>{note}'
 
@@ -145,7 +138,7 @@ def _ocr_section(table: pa.Table) -> str:
     ax.set_title(f"OCR coverage: {share:.1%} of {len(ok)} images have text")
     ax.set_xlabel("images")
     ax.legend(fontsize=8, loc="lower right")
-    return f'<div class="plots">{_img(_png(fig), "OCR coverage")}</div>'
+    return f'<div class="plots">{img(png(fig), "OCR coverage")}</div>'
 
 
 def _length_section(table: pa.Table) -> str:
@@ -166,7 +159,7 @@ def _length_section(table: pa.Table) -> str:
     ax.set_ylabel("samples")
     ax.legend(fontsize=8)
     note = "" if "caption_short" in table.column_names else NOT_RUN.format("Fuse")
-    return f'<div class="plots">{_img(_png(fig), "caption length")}</div>{note}'
+    return f'<div class="plots">{img(png(fig), "caption length")}</div>{note}'
 
 
 def _filters_section(counts: dict) -> str:
@@ -179,14 +172,6 @@ def _filters_section(counts: dict) -> str:
     return f'<div class="plots">{plot}</div>{note}'
 
 
-def _thumbnail(data: bytes) -> str:
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    img.thumbnail((THUMB, THUMB))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=80)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _gallery_rows(table: pa.Table, n: int) -> list[dict]:
     """Up to n samples that have an image: selected ones first, then filtered ones, in table order."""
     ok = table.filter(pc.equal(table.column("status"), "ok"))
@@ -194,22 +179,42 @@ def _gallery_rows(table: pa.Table, n: int) -> list[dict]:
     return (sorted(rows, key=lambda r: not r["selected"]))[:n]
 
 
-def _gallery_section(store: ArtifactStore, dataset: str, table: pa.Table, n: int) -> str:
-    rows = _gallery_rows(table, n)
+def _experts(store: ArtifactStore, dataset: str, rows: list[dict]) -> dict[str, dict]:
+    """key -> the extract row (objects with boxes, OCR lines with boxes) of `rows`."""
+    shards = sorted({r["raw_shard"] for r in rows})
+    found = stage_table(store, dataset, "extract", ["key", "objects", "ocr"], shards)
+    keys = {r["key"] for r in rows}
+    return {r["key"]: r for r in found.to_pylist() if r["key"] in keys} if found is not None else {}
+
+
+def thumbnails(store: ArtifactStore, dataset: str, rows: list[dict]) -> dict[str, str]:
+    """key -> a base64 JPEG thumbnail with the experts' boxes (in the original image's pixels) drawn, for the rows
+    whose image is stored."""
+    images: dict[str, tuple] = {}
+    for shard in sorted({r["raw_shard"] for r in rows if r.get("status") == "ok"}):
+        images |= raw_images(store, dataset, shard, {r["key"] for r in rows if r["raw_shard"] == shard})
+    experts = _experts(store, dataset, [r for r in rows if r["key"] in images])
+    originals = {r["key"]: (r.get("original_width"), r.get("original_height")) for r in rows}
+    return {key: thumbnail(data, experts.get(key, {}).get("objects"), experts.get(key, {}).get("ocr"),
+                           originals.get(key)) for key, (_, data) in images.items()}
+
+
+def _gallery_section(table: pa.Table, rows: list[dict], thumbs: dict[str, str]) -> str:
     if not rows:
         return '<p class="not-run">No sample with an image.</p>'
-    images: dict[str, tuple] = {}
-    for shard in sorted({r["raw_shard"] for r in rows}):
-        images |= raw_images(store, dataset, shard, {r["key"] for r in rows if r["raw_shard"] == shard})
     cards = []
+    e = html.escape
     for r in rows:
-        if r["key"] not in images:
+        if r["key"] not in thumbs:
             continue
-        e = html.escape
         lines = [f'<p><b>alt-text:</b> {e(r["alt_text"] or "")}</p>']
         for field in ("caption_short", "caption_dense"):
             if r.get(field) and r[field] != r["alt_text"]:
                 lines.append(f"<p><b>{field.split('_')[1]}:</b> {e(r[field])}</p>")
+        if r.get("ocr_text"):
+            lines.append(f'<p class="ocr"><b>OCR:</b> {e(r["ocr_text"])}</p>')
+        if r.get("object_counts"):
+            lines.append(f"<p><b>objects:</b> {e(', '.join(f'{k} x{v}' for k, v in r['object_counts']))}</p>")
         for t in (r.get("translations") or [])[:2]:
             lines.append(f"<p><b>{e(t['lang'])}:</b> {e(t['text'] or '')}</p>")
         scores = [f"{c} {r[c]:.2f}" for c in ("clip_alt", "clip_short", "nsfw") if r.get(c) is not None]
@@ -217,46 +222,78 @@ def _gallery_section(store: ArtifactStore, dataset: str, table: pa.Table, n: int
             lines.append(f"<p>{e(', '.join(scores))}</p>")
         verdict = ('<span class="sel">selected</span>' if r["selected"] else
                    f'<span class="unsel">filtered: {e(", ".join(r["failed_filters"] or []))}</span>')
-        cards.append(f'<div class="card">{_img(_thumbnail(images[r["key"]][1]), r["alt_text"] or r["key"], "jpeg")}'
+        cards.append(f'<div class="card">{img(thumbs[r["key"]], r["alt_text"] or r["key"], "jpeg")}'
                      f'{"".join(lines)}<p>{verdict} <code>{e(r["key"])}</code></p></div>')
-    return f'<div class="gallery">{"".join(cards)}</div>'
+    legend = ('<p class="legend">Drawn on the thumbnails: <span style="color:#ff7f0e">detected objects</span> '
+              'and <span style="color:#00b7eb">OCR lines</span>.</p>'
+              if "ocr_text" in table.column_names or "object_counts" in table.column_names else "")
+    return f'{legend}<div class="gallery">{"".join(cards)}</div>'
 
 
-def _overview(dataset: str, table: pa.Table, counts: dict, release: dict | None) -> str:
+def _overview(table: pa.Table, counts: dict, release: dict | None, validation: dict | None) -> str:
     status = Counter(_column(table, "status"))
+    if validation:
+        suites = validation["suites"].values()
+        checked = (f"{sum(s['passed'] for s in suites)} of {sum(s['shards'] for s in suites)} suite-shards passed; "
+                   f"{sum(s['quarantined_rows'] for s in suites)} rows quarantined, "
+                   f"{sum(s.get('caption_fallbacks', 0) for s in suites)} captions back to the alt-text")
+    else:
+        checked = "not validated yet"
     rows = [("samples", table.num_rows), ("selected", counts.get("selected", 0)),
             *((f"status {k}", v) for k, v in sorted(status.items())),
             ("stages run", ", ".join(stages_run(table))),
             ("published release", f"{release['selected']} samples in {len(release['shards'])} shards"
              if release else "not published yet")]
     body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    body += (f'<tr><th>validation</th><td><a href="#validation">{html.escape(checked)}</a></td></tr>')
     return f"<table>{body}</table>"
+
+
+def _waiting(store: ArtifactStore, dataset: str) -> int:
+    """Samples planned in shards that are not ingested yet."""
+    return sum(store.get_parquet(input_key(dataset, s), columns=["key"]).num_rows
+               for s in planned_shards(store, dataset) if read_marker(store, dataset, RAW, s) is None)
 
 
 def build_report(store: ArtifactStore, dataset: str, spec: DatasetSpec) -> tuple[str, dict]:
     """The report page and a summary {samples, selected, status, filters, sections: {name: ran}}."""
+    started = time.time()
     table, counts = select_samples(store, dataset, spec)
     status = Counter(_column(table, "status"))
     errors = Counter(v for v in _column(table, "error_class") if v)
     status_plots = _bar(dict(status), "sample status")
     status_plots += _bar(dict(errors), "error classes", "samples") if errors else "<p>No errors.</p>"
+    validation, summary = validation_section(store, dataset)
+    rejected = rejected_rows(table, counts)
+    gallery = _gallery_rows(table, spec.publish.gallery_size)
+    shown = gallery + [r for rows in rejected.values() for r in rows]
+    thumbs = thumbnails(store, dataset, list({r["key"]: r for r in shown}.values()))
     sections = {
-        "Overview": _overview(dataset, table, counts, read_release(store, dataset)),
+        "Overview": _overview(table, counts, read_release(store, dataset), summary),
+        "Funnel": funnel_section(table, counts, _waiting(store, dataset)),
+        "Validation": validation,
+        "Rejected and quarantined": rejected_section(rejected, counts, quarantine_reasons(store, dataset), thumbs),
+        "Caption guards": guards_section(store, dataset, caption_fallbacks(store, dataset)),
+        "Translation QE": translation_section(store, dataset),
         "Status and errors": f'<div class="plots">{status_plots}</div>',
         "Scores": _scores_section(table, spec.score),
+        "Filters": _filters_section(counts),
         "Languages": _languages_section(table),
         "OCR coverage": _ocr_section(table),
+        "Objects": objects_section(table),
         "Caption length": _length_section(table),
-        "Filters": _filters_section(counts),
-        "Gallery": _gallery_section(store, dataset, table, spec.publish.gallery_size),
+        "Gallery": _gallery_section(table, gallery, thumbs),
     }
-    body = "".join(f"<section><h2>{name}</h2>{content}</section>" for name, content in sections.items())
+    sections["Stage timings"] = timings_section(store, dataset, time.time() - started)
+    nav = "".join(f'<a href="#{anchor(name)}">{html.escape(name)}</a>' for name in sections)
+    body = "".join(f'<section id="{anchor(name)}"><h2>{name}</h2>{content}</section>'
+                   for name, content in sections.items())
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             f"<title>capfactory report: {html.escape(dataset)}</title><style>{STYLE}</style></head><body>"
             f"<h1>Dataset report: {html.escape(dataset)}</h1><p>generated {generated} by capfactory</p>"
-            f"{body}</body></html>")
+            f"<nav>{nav}</nav>{body}</body></html>")
     summary = {"samples": table.num_rows, "selected": counts.get("selected", 0), "status": dict(status),
                "filters": counts, "stages_run": stages_run(table),
                "sections": {name: "stage not run" not in content for name, content in sections.items()}}
@@ -272,7 +309,7 @@ def write_report(store: ArtifactStore, dataset: str, spec: DatasetSpec) -> dict:
 
 class ReportStage(Stage):
     name = "report"
-    description = "The HTML report of the dataset: plots, filter counts, a sample gallery."
+    description = "The HTML report of the dataset: funnel, validation, rejections, QE, plots and a gallery."
     warm = ("tasks.report",)
 
     def summary(self, result: dict) -> list[str]:

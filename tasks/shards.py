@@ -2,7 +2,9 @@
 
 Layout of a dataset in the store (each folder is named after the stage that writes it, see tasks/registry.py):
     <dataset>/ingest/_inputs/shard-00042.parquet   the samples planned for the shard (written at planning time)
-    <dataset>/ingest/shard-00042.tar               WebDataset: KEY.jpg, KEY.txt, KEY.json per good sample
+    <dataset>/ingest/shard-00042.tar               WebDataset: KEY.jpg, KEY.txt, KEY.json per good sample, and
+                                                   KEY.analysis.<ext> (the copy the experts read) unless it is
+                                                   the same as KEY.jpg or analysis copies are off
     <dataset>/ingest/shard-00042.parquet           one row per planned sample, failed ones with their error
     <dataset>/ingest/shard-00042.stats.json        the done marker: written last, carries the config hash
 Later stages write `<dataset>/<stage>/shard-00042.parquet` + `.stats.json` the same way.
@@ -25,6 +27,7 @@ from infra.store import ArtifactStore, StoreError
 SHARD_RE = re.compile(r"shard-(\d{5,})\.parquet$")
 RAW = "ingest"  # the stage whose shards every other stage reads
 IMAGE_EXTS = (".jpg", ".jpeg", ".webp", ".png")
+ANALYSIS = "analysis"  # the WebDataset field prefix of the analysis copy: KEY.analysis.jpg
 
 INGEST_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -109,8 +112,12 @@ class TarWriter:
         info.mode = 0o644
         self._tar.addfile(info, _Reader(data))
 
-    def add_sample(self, key: str, ext: str, image: bytes, caption: str | None, meta: dict) -> None:
+    def add_sample(self, key: str, ext: str, image: bytes, caption: str | None, meta: dict,
+                   analysis: tuple[str, bytes] | None = None) -> None:
+        """One sample's members; `analysis` = (ext, bytes) of its analysis copy, stored as KEY.analysis.<ext>."""
         self._add(f"{key}.{ext}", image)
+        if analysis is not None:
+            self._add(f"{key}.{ANALYSIS}.{analysis[0]}", analysis[1])
         self._add(f"{key}.txt", (caption or "").encode("utf-8"))
         self._add(f"{key}.json", json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8"))
         self.count += 1
@@ -148,11 +155,28 @@ def read_shard_members(store: ArtifactStore, dataset: str, shard: int, want=None
             return {m.name: tar.extractfile(m).read() for m in tar if m.isfile() and (want is None or want(m.name))}
 
 
+def member_key(name: str) -> str:
+    """The sample key of a tar member (WebDataset: the name up to its first dot; keys are hex)."""
+    return name.split(".", 1)[0]
+
+
 def is_image_member(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTS)
+    """A training copy (KEY.jpg): the image a release ships and CLIP scores."""
+    return name.lower().endswith(IMAGE_EXTS) and name.count(".") == 1
 
 
-def read_shard_images(store: ArtifactStore, dataset: str, shard: int) -> dict[str, bytes]:
-    """{key: stored image bytes} of a raw shard."""
-    members = read_shard_members(store, dataset, shard, is_image_member)
-    return {name.rsplit(".", 1)[0]: data for name, data in members.items()}
+def is_analysis_member(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTS) and name.split(".")[1:2] == [ANALYSIS]
+
+
+def read_shard_images(store: ArtifactStore, dataset: str, shard: int, analysis: bool = False) -> dict[str, bytes]:
+    """{key: stored image bytes} of a raw shard: the training copies, or with `analysis` the analysis copy of each
+    key that has one and the training copy of the others (a copy the same as the training one is stored once;
+    shards ingested before analysis copies have none)."""
+    if not analysis:
+        members = read_shard_members(store, dataset, shard, is_image_member)
+        return {member_key(name): data for name, data in members.items()}
+    members = read_shard_members(store, dataset, shard, lambda n: is_image_member(n) or is_analysis_member(n))
+    images = {member_key(name): data for name, data in members.items() if is_image_member(name)}
+    images.update((member_key(name), data) for name, data in members.items() if is_analysis_member(name))
+    return images

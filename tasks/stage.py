@@ -13,6 +13,9 @@ progress, the totals and the summary lines the CLI and the Prefect artifact prin
 
 from __future__ import annotations
 
+import logging
+import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -70,11 +73,66 @@ class ShardOutput:
     backend_errors: list[str] = field(default_factory=list)
 
 
-class ShardContext:
-    """One shard of one dataset, as a stage's `process()` sees it: reading other stages' outputs."""
+def progress_topic(stage: str, dataset: str) -> str:
+    """The Dask event topic a stage's shards report their progress on (one writer per dataset: no two runs share
+    it)."""
+    return f"capfactory-progress/{stage}/{dataset}"
 
-    def __init__(self, store: ArtifactStore, dataset: str, shard: int):
-        self.store, self.dataset, self.shard = store, dataset, shard
+
+class ShardProgress:
+    """Progress within one shard, reported by a stage's per-sample or per-batch loop as `ctx.progress(done,
+    total)` (from any thread; any unit, the fraction done is what counts). It goes to the task's logger every
+    `log_every` seconds (the Prefect UI), and as a Dask event (`Worker.log_event`: a small message on the worker's
+    existing stream to the scheduler, at most every `send_every` seconds) to the flow, whose progress bar moves
+    with it (flows/common.py `gather_shards`). Outside a Dask worker or a Prefect task it only logs."""
+
+    def __init__(self, stage: str, dataset: str, shard: int, log_every: float = 10.0, send_every: float = 0.5):
+        self.topic, self.label, self.shard = progress_topic(stage, dataset), f"{stage} shard {shard:05d}", shard
+        self.log_every, self.send_every = log_every, send_every
+        self._logger, self._worker = _task_logger(), _dask_worker()  # both thread-bound: taken in the task's thread
+        self._lock = threading.Lock()
+        self._logged = self._sent = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            send = self._worker is not None and (done >= total or now - self._sent >= self.send_every)
+            log = now - self._logged >= self.log_every
+            self._sent = now if send else self._sent
+            self._logged = now if log else self._logged
+        if send:
+            self._worker.log_event(self.topic, {"shard": self.shard, "done": done, "total": total})
+        if log:
+            self._logger.info("%s: %d of %d done (%.0f%%)", self.label, done, total, 100 * done / max(total, 1))
+
+
+# Neither is imported here: a process that has not imported them is not running a Prefect task or a Dask worker.
+def _task_logger():
+    prefect = sys.modules.get("prefect")
+    try:
+        return prefect.get_run_logger()
+    except Exception:  # not in a Prefect task run
+        return logging.getLogger("capfactory")
+
+
+def _dask_worker():
+    distributed = sys.modules.get("distributed")
+    try:
+        return distributed.get_worker()
+    except (AttributeError, ValueError):  # not in a Dask task
+        return None
+
+
+def _no_progress(done: int, total: int) -> None:
+    pass
+
+
+class ShardContext:
+    """One shard of one dataset, as a stage's `process()` sees it: reading other stages' outputs, and reporting
+    progress within the shard with `progress(done, total)` (see ShardProgress)."""
+
+    def __init__(self, store: ArtifactStore, dataset: str, shard: int, progress=_no_progress):
+        self.store, self.dataset, self.shard, self.progress = store, dataset, shard, progress
 
     def key(self, stage: str, ext: str = "parquet") -> str:
         return stage_key(self.dataset, stage, self.shard, ext)
@@ -283,7 +341,7 @@ class ShardStage(Stage):
         if done is not None:
             return done
         self.guard(store, dataset, shard)
-        out = self.process(ShardContext(store, dataset, shard))
+        out = self.process(ShardContext(store, dataset, shard, ShardProgress(self.name, dataset, shard)))
         store.put_parquet(stage_key(dataset, self.name, shard, "parquet"), pa.Table.from_pylist(out.rows, self.schema))
         if out.backend_errors:
             raise backend_failure(self.name, out.backend_errors, len(out.rows))

@@ -4,14 +4,20 @@ time, on the shard's pandas table.
 Store layout (`<dataset>/validate/`; a suite is named after the stage whose output it checks):
     <suite>/shard-00042.json                 the shard's result: failed expectations with examples, quarantined rows
     quarantine/<suite>/shard-00042.parquet   the rows set aside (quarantine mode), with `quarantine_reasons`
+    fallback/<suite>/shard-00042.parquet     captions that fall back to the alt-text: row id, caption, text, reasons
     score/_reference.json                    score statistics of the drift reference shard
     summary.json                             per suite: shards passed / failed, quarantined rows, failing checks
     data_docs/index.html                     GX data docs, built locally and uploaded through the store
 
 `on_failure: quarantine` sets the rows that failed a row-level expectation aside (a failed table-level check such
 as the schema, the row count or drift sets the whole shard aside) and the published set leaves them out (see
-`quarantined_keys`); `on_failure: fail` fails the shard with a message naming the suite, the shard, the
-expectations and examples. A suite's stage whose output is absent is skipped.
+`quarantined_keys`). A caption is not a sample: where only a caption slot of a row failed (a suite's
+`CAPTION_SLOTS`, e.g. a fused dense caption that leaks the prompt) and its fused caption was in place, that slot
+falls back to the alt-text on its own (`fallback/<suite>/shard-NNNNN.parquet`; publish applies it, see
+`caption_fallbacks`) and the sample keeps its other captions. `on_failure: fail` fails the shard with a message
+naming the suite, the shard, the expectations and examples. A suite's stage whose output is absent is skipped.
+Each failed expectation in a result says what was done about it (`action`: caption fallback, quarantine, fail) and
+names a few of its rows (`row_ids`).
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from collections import Counter
 from pathlib import Path
 
 import great_expectations as gx
+import pandas as pd
 import pyarrow as pa
 
 from expectations.common import SuiteInputs
-from expectations.runner import SUITES, build_data_docs, run_suite, to_frame
+from expectations.runner import SUITES, Failure, SuiteRun, build_data_docs, run_suite, to_frame
 from expectations.score import reference_stats
 from infra.settings import DatasetSpec, ValidateConfig
 from infra.store import ArtifactStore, StoreError, open_store
@@ -40,6 +47,11 @@ STAGE = "validate"
 SAMPLE_SUITES = ("ingest", "extract", "fuse", "score")
 ROWS_PER_RAW_ROW = ("extract", "fuse", "score")  # suites with exactly one row per raw sample
 _MARKER = re.compile(r"/shard-(\d{5,})\.stats\.json$")
+MAX_ROW_IDS = 5  # rows named per failed expectation in a result
+# Caption column -> (guard verdict, guard reasons) of every suite's caption slots (expectations/fuse.py).
+CAPTION_SLOTS = {c: slot for module in SUITES.values() for c, slot in getattr(module, "CAPTION_SLOTS", {}).items()}
+FALLBACK_SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()), ("text", pa.string()),
+                             ("reasons", pa.list_(pa.string()))])
 
 
 class ValidationFailed(RuntimeError):
@@ -52,6 +64,10 @@ def result_key(dataset: str, suite: str, shard: int) -> str:
 
 def quarantine_key(dataset: str, suite: str, shard: int) -> str:
     return f"{dataset}/{STAGE}/quarantine/{suite}/{shard_name(shard)}.parquet"
+
+
+def fallback_key(dataset: str, suite: str, shard: int) -> str:
+    return f"{dataset}/{STAGE}/fallback/{suite}/{shard_name(shard)}.parquet"
 
 
 def reference_key(dataset: str) -> str:
@@ -145,10 +161,58 @@ def expected_rows(store: ArtifactStore, dataset: str, suite: str, shard: int) ->
     return None
 
 
+def _fused_in_place(frame: pd.DataFrame, passed: str, row: int) -> bool:
+    value = frame[passed].iloc[row] if passed in frame.columns else None
+    return bool(value) if pd.notna(value) else False
+
+
+def split_failures(run: SuiteRun, frame: pd.DataFrame, slots: dict[str, tuple[str, str]]
+                   ) -> tuple[dict[int, list[str]], dict[tuple[int, str], list[str]]]:
+    """(row -> the checks that put the sample in doubt, (row, caption column) -> the checks only that caption
+    failed). A row-level failure of a caption slot whose fused caption is in place is the caption's: it falls back
+    to the alt-text. Any other failure is the sample's (a table-level one: every row's); a sample in doubt carries
+    every check it failed, its captions' too."""
+    bad: dict[int, list[str]] = {}
+    captions: dict[tuple[int, str], list[str]] = {}
+    for f in run.failures:
+        slot = slots.get(f.column or "") if f.rows is not None else None
+        for row in range(len(frame)) if f.rows is None else f.rows:
+            if slot and _fused_in_place(frame, slot[0], row):
+                captions.setdefault((row, f.column), []).append(f.name)
+            else:
+                bad.setdefault(row, []).append(f.name)
+    for (row, _), names in captions.items():
+        if row in bad:
+            bad[row] += names
+    return bad, {k: v for k, v in captions.items() if k[0] not in bad}
+
+
+def _failure_json(f: Failure, ids: list[dict], bad: dict, fallbacks: dict, mode: str) -> dict:
+    """A failed expectation with a few of its rows and what was done about it."""
+    rows = range(len(ids)) if f.rows is None else f.rows
+    out = {**f.to_json(), "row_ids": [ids[r] for r in rows[:MAX_ROW_IDS]],
+           "quarantined_rows": sum(1 for r in rows if r in bad) if mode == "quarantine" else 0,
+           "fallback_captions": sum(1 for r in rows if (r, f.column) in fallbacks) if mode == "quarantine" else 0}
+    if mode == "fail":
+        out["action"] = "fail"
+    elif f.rows is None:
+        out["action"] = "quarantine (whole shard)"
+    else:
+        out["action"] = " + ".join(a for a, n in (("caption fallback", out["fallback_captions"]),
+                                                  ("quarantine", out["quarantined_rows"])) if n)
+    return out
+
+
+def _fallback_rows(table: pa.Table, ids: list[dict], fallbacks: dict[tuple[int, str], list[str]]) -> list[dict]:
+    return [{**ids[row], "caption": column, "text": table.column(column)[row].as_py(), "reasons": reasons}
+            for (row, column), reasons in sorted(fallbacks.items())]
+
+
 def validate_shard(store_uri: str, dataset: str, suite: str, shard: int, spec: DatasetSpec,
                    reference: dict | None = None) -> dict:
-    """Run `suite` on one shard; writes the result JSON (and the quarantined rows); returns the result without
-    the GX document. Raises ValidationFailed in `fail` mode when an expectation failed."""
+    """Run `suite` on one shard; writes the result JSON (and the quarantined rows and fallen-back captions);
+    returns the result without the GX document. Raises ValidationFailed in `fail` mode when an expectation
+    failed."""
     started = time.time()
     cfg = spec.validation
     store = open_store(store_uri)
@@ -156,28 +220,31 @@ def validate_shard(store_uri: str, dataset: str, suite: str, shard: int, spec: D
     frame = to_frame(table)
     inputs = SuiteInputs(frame, spec, expected_rows(store, dataset, suite, shard), reference)
     run = run_suite(suite, frame, inputs, shard_name(shard))
-    bad = run.bad_rows()
-    if run.table_failures:  # the whole shard is in doubt
-        names = [f.name for f in run.table_failures]
-        bad = {i: names + bad.get(i, []) for i in range(table.num_rows)}
-    quarantine = cfg.on_failure == "quarantine" and bad
-    qkey = quarantine_key(dataset, suite, shard)
-    quarantined = []
-    if quarantine:
+    bad, fallbacks = split_failures(run, frame, getattr(SUITES[suite], "CAPTION_SLOTS", {}))
+    ids = table.select(list(SUITES[suite].ROW_ID)).to_pylist()
+    acting = cfg.on_failure == "quarantine"
+    qkey, fkey = quarantine_key(dataset, suite, shard), fallback_key(dataset, suite, shard)
+    quarantined = [{**ids[i], "reasons": bad[i]} for i in sorted(bad)] if acting else []
+    fallen = _fallback_rows(table, ids, fallbacks) if acting else []
+    if quarantined:
         positions = sorted(bad)
         rows = table.take(pa.array(positions, pa.int64()))
-        rows = rows.append_column("quarantine_reasons", pa.array([bad[i] for i in positions], pa.list_(pa.string())))
-        store.put_parquet(qkey, rows)
-        ids = rows.select(list(SUITES[suite].ROW_ID)).to_pylist()
-        quarantined = [{**row_id, "reasons": bad[i]} for row_id, i in zip(ids, positions, strict=True)]
+        store.put_parquet(qkey, rows.append_column(
+            "quarantine_reasons", pa.array([bad[i] for i in positions], pa.list_(pa.string()))))
     else:
         store.delete(qkey)
+    if fallen:
+        store.put_parquet(fkey, pa.Table.from_pylist(fallen, FALLBACK_SCHEMA))
+    else:
+        store.delete(fkey)
     result = {
         "dataset": dataset, "suite": suite, "shard": shard, "success": run.success, "on_failure": cfg.on_failure,
         "samples": table.num_rows, "evaluated": run.evaluated,
-        "counts": {"ok": table.num_rows - len(quarantined), "quarantined": len(quarantined)},
-        "failed": [f.to_json() for f in run.failures], "quarantined": quarantined,
-        "quarantine_file": qkey if quarantine else None,
+        "counts": {"ok": table.num_rows - len(quarantined), "quarantined": len(quarantined),
+                   "caption_fallbacks": len(fallen)},
+        "failed": [_failure_json(f, ids, bad, fallbacks, cfg.on_failure) for f in run.failures],
+        "quarantined": quarantined, "fallbacks": fallen,
+        "quarantine_file": qkey if quarantined else None, "fallback_file": fkey if fallen else None,
         "config_hash": cfg.config_hash(), "fingerprint": fingerprint(store, dataset, suite, shard, cfg, reference),
         "provenance": {"great_expectations": gx.__version__, "suite": suite},
         "seconds": round(time.time() - started, 3),
@@ -190,7 +257,7 @@ def validate_shard(store_uri: str, dataset: str, suite: str, shard: int, spec: D
     return result
 
 
-def _results(store: ArtifactStore, dataset: str, suites: list[str]) -> list[dict]:
+def shard_results(store: ArtifactStore, dataset: str, suites: list[str]) -> list[dict]:
     out = []
     for suite in suites:
         for shard in finished_shards(store, dataset, suite):
@@ -206,7 +273,7 @@ def write_summary(store: ArtifactStore, dataset: str, cfg: ValidateConfig, suite
     """Per suite: shards validated and passed, quarantined rows, how often each expectation failed."""
     per_suite = {}
     for suite in suites:
-        results = _results(store, dataset, [suite])
+        results = shard_results(store, dataset, [suite])
         failing = Counter(f"{f['expectation']}({f['column']})" if f["column"] else f["expectation"]
                           for r in results for f in r["failed"])
         per_suite[suite] = {
@@ -214,6 +281,7 @@ def write_summary(store: ArtifactStore, dataset: str, cfg: ValidateConfig, suite
             "failed_shards": [r["shard"] for r in results if not r["success"]],
             "rows": sum(r["samples"] for r in results),
             "quarantined_rows": sum(r["counts"]["quarantined"] for r in results),
+            "caption_fallbacks": sum(r["counts"].get("caption_fallbacks", 0) for r in results),
             "failing_expectations": dict(failing),
         }
     summary = {"dataset": dataset, "on_failure": cfg.on_failure, "config_hash": cfg.config_hash(),
@@ -224,9 +292,9 @@ def write_summary(store: ArtifactStore, dataset: str, cfg: ValidateConfig, suite
 
 def publish_data_docs(store_uri: str, dataset: str, suites: list[str]) -> str:
     """Build GX data docs from every stored shard result in a local folder and upload them (replacing the old
-    site) under `<dataset>/validation/data_docs/`; returns the index page's key."""
+    site) under `<dataset>/validate/data_docs/`; returns the index page's key."""
     store = open_store(store_uri)
-    results = [r["gx_result"] for r in _results(store, dataset, suites)]
+    results = [r["gx_result"] for r in shard_results(store, dataset, suites)]
     prefix = docs_prefix(dataset)
     with tempfile.TemporaryDirectory(prefix="capfactory-docs-") as tmp:
         site = Path(tmp)
@@ -251,6 +319,28 @@ def quarantined_keys(store: ArtifactStore, dataset: str, suites: tuple[str, ...]
     return {r["key"] for suite in suites for r in _quarantined(store, dataset, suite, ["key"])}
 
 
+def caption_fallbacks(store: ArtifactStore, dataset: str) -> dict[tuple[str, str], list[str]]:
+    """(key, caption column) -> the checks it failed, for the captions validation sent back to the alt-text: the
+    published set applies them (the sample stays)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for suite, module in SUITES.items():
+        if getattr(module, "CAPTION_SLOTS", None):
+            for key in store.list(f"{dataset}/{STAGE}/fallback/{suite}"):
+                if key.endswith(".parquet"):
+                    for r in store.get_parquet(key, columns=["key", "caption", "reasons"]).to_pylist():
+                        out.setdefault((r["key"], r["caption"]), []).extend(r["reasons"])
+    return out
+
+
+def quarantine_reasons(store: ArtifactStore, dataset: str) -> dict[str, list[str]]:
+    """Key -> "<suite>: <check>" for each check that set the sample aside (quarantine mode)."""
+    out: dict[str, list[str]] = {}
+    for suite in SAMPLE_SUITES:
+        for r in _quarantined(store, dataset, suite, ["key", "quarantine_reasons"]):
+            out.setdefault(r["key"], []).extend(f"{suite}: {reason}" for reason in r["quarantine_reasons"] or [])
+    return out
+
+
 def quarantined_translations(store: ArtifactStore, dataset: str) -> set[tuple[str, str, str]]:
     """(key, field, lang) of the translations set aside: the published set drops these translations."""
     return {(r["key"], r["field"], r["lang"]) for r in _quarantined(store, dataset, "translate",
@@ -267,8 +357,10 @@ class ValidateStage(Stage):
                  f"{', '.join(result['skipped_suites']) or '-'}"]
         for suite, s in result["suites"].items():
             failing = ", ".join(f"{k} x{v}" for k, v in sorted(s["failing_expectations"].items())) or "-"
+            back = s.get("caption_fallbacks")
+            fallbacks = f", {back} captions back to the alt-text" if back else ""
             lines.append(f"  {suite}: {s['passed']}/{s['shards']} shards passed, {s['quarantined_rows']} rows "
-                         f"quarantined; failing: {failing}")
+                         f"quarantined{fallbacks}; failing: {failing}")
         if result["data_docs"]:
             lines.append(f"  data docs: {result['data_docs']}")
         return lines

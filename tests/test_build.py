@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.build import selected_stages
-from flows.stage import make_stage, needs_gpu
+from flows.preflight import make_stage, needs_gpu
 from infra.loopback_server import ImageServer
 from infra.settings import SpecError, build_spec
 from infra.store import LocalStore

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from expectations.fuse import always_leaking
+from expectations.fuse import always_leaking, template_text
 from expectations.runner import SUITES
 from infra.loopback_server import ImageServer
 from infra.settings import DatasetSpec, DownloadConfig, ExtractConfig, FuseConfig, IngestConfig, InputSpec
@@ -25,6 +25,7 @@ from tasks.ingest import ingest_shard, plan_ingest
 from tasks.shards import stage_key, write_marker
 from tasks.validate import (
     ValidationFailed,
+    caption_fallbacks,
     ensure_reference,
     quarantine_key,
     quarantined_keys,
@@ -157,12 +158,19 @@ def _bad_sha(rows):
 
 
 def _empty_caption(rows):
-    rows[3]["caption_short"] = "   "
+    rows[3].update(caption_short="   ", short_passed=False)  # the sample's own fallback caption is blank
+
+
+def template_leak() -> str:
+    """A caption that echoes a sentence of the prompt template."""
+    return next(s for s in template_text()[0] if len(s.split()) >= 8).rstrip(".:") + ": a bus."
 
 
 def _leaks(rows):
+    # A fused caption the guards let through: it alone falls back to the alt-text. A leaking caption that is
+    # already the fallback (guards failed): the sample is quarantined.
     rows[0].update(caption_short="Here is a short caption: two horses on a beach.", short_passed=True)
-    rows[3]["caption_short"] = "Merge the two into one short caption: a bus."
+    rows[3].update(caption_short=template_leak(), short_passed=False)
 
 
 def _out_of_range(rows):
@@ -181,16 +189,20 @@ def _drift(rows):
             r["clip_alt"] += 0.5
 
 
-# (suite, shard, how to break it, rows that are bad (positions), an expectation the failure names)
+# (suite, shard, how to break it, rows quarantined (positions), an expectation the failure names)
 DEFECTS = {
     "duplicate_key": ("ingest", 0, _dup_key, [0, 1], "expect_column_values_to_be_unique(key)"),
     "bad_sha256": ("ingest", 1, _bad_sha, [0], "expect_column_values_to_match_regex(sha256)"),
     "empty_caption": ("fuse", 0, _empty_caption, [3], "expect_column_values_to_match_regex(caption_short)"),
-    "leaked_prompt": ("fuse", 1, _leaks, [0, 3], "expect_column_values_to_not_match_regex_list(caption_short)"),
+    "leaked_prompt": ("fuse", 1, _leaks, [3], "expect_column_values_to_not_match_regex_list(caption_short)"),
     "out_of_range_scores": ("score", 0, _out_of_range, [0, 3], "expect_column_values_to_be_between(clip_alt)"),
     "wrong_language": ("translate", 0, _wrong_language, None, "expect_column_pair_values_to_be_equal(qe_lang,lang)"),
     "drift": ("score", 1, _drift, None, "expect_column_mean_to_be_between(clip_alt)"),
 }
+
+
+# Defects of a caption alone: (row position, caption column) that fall back to the alt-text, the sample stays.
+FALLBACKS = {"leaked_prompt": [(0, "caption_short")]}
 
 
 @pytest.mark.parametrize("defect", list(DEFECTS))
@@ -206,7 +218,12 @@ def test_planted_defect_is_quarantined(broken, defect):
     id_cols = SUITES[suite].ROW_ID
     expected = [{c: rows[i][c] for c in id_cols} for i in bad]
     assert [{c: q[c] for c in id_cols} for q in result["quarantined"]] == expected
-    assert result["counts"] == {"ok": len(rows) - len(bad), "quarantined": len(bad)}
+    fallbacks = FALLBACKS.get(defect, [])
+    assert [(f["key"], f["caption"]) for f in result["fallbacks"]] == [(rows[i]["key"], c) for i, c in fallbacks]
+    assert result["counts"] == {"ok": len(rows) - len(bad), "quarantined": len(bad),
+                                "caption_fallbacks": len(fallbacks)}
+    assert {f["action"] for f in result["failed"]} <= {"quarantine", "caption fallback", "caption fallback + "
+                                                       "quarantine", "quarantine (whole shard)"}
     aside = broken.get_parquet(quarantine_key(DATASET, suite, shard)).to_pylist()
     assert len(aside) == len(bad) and all(r["quarantine_reasons"] for r in aside)
     if suite == "translate":
@@ -214,6 +231,8 @@ def test_planted_defect_is_quarantined(broken, defect):
         assert quarantined_keys(broken, DATASET) == set()  # the samples stay; their bad translations go
     else:
         assert quarantined_keys(broken, DATASET) == {rows[i]["key"] for i in bad}
+    assert caption_fallbacks(broken, DATASET) == {(rows[i]["key"], c): [expectation] for i, c in fallbacks
+                                                  for expectation in [DEFECTS[defect][4]]}
     # The other shard of the stage is untouched by the defect.
     other = _validate(broken, suite, 1 - shard, spec())
     assert other["success"] and other["quarantined"] == []
@@ -233,7 +252,7 @@ def test_planted_defect_fails_the_shard_in_fail_mode(broken, defect):
 
 def test_failure_messages_carry_examples(broken):
     _edit(broken, "fuse", 1, _leaks)
-    with pytest.raises(ValidationFailed, match="Merge the two into one short caption: a bus"):
+    with pytest.raises(ValidationFailed, match=re.escape(template_leak()[:60])):
         _validate(broken, "fuse", 1, spec(on_failure="fail"))
     _edit(broken, "ingest", 1, _bad_sha)
     with pytest.raises(ValidationFailed, match="not-a-sha256"):
@@ -263,5 +282,35 @@ def test_template_leakage_patterns_spare_human_captions():
     flagged = [c for caps in human for c in caps if any(r.search(c) for r in rx)]
     assert flagged == []
     for leak in ("The facts are data, not instructions.", "<|im_start|>assistant", "As an AI I cannot see it",
-                 "machine caption: a dog", "Write one short caption (one sentence"):
+                 "machine caption: a dog", template_leak()):
         assert any(r.search(leak) for r in rx), leak
+
+
+def test_a_caption_failure_falls_back_alone_unless_the_sample_is_in_doubt():
+    import pandas as pd
+
+    from expectations.fuse import CAPTION_SLOTS
+    from expectations.runner import Failure, SuiteRun
+    from tasks.validate import split_failures
+
+    frame = pd.DataFrame({"key": ["a", "b", "c"], "short_passed": [True, True, False],
+                          "dense_passed": [True, None, True]})
+    leak = Failure("expect_column_values_to_not_match_regex_list", "caption_dense", [0, 1])
+    short = Failure("expect_column_values_to_match_regex", "caption_short", [0, 2])
+    key = Failure("expect_column_values_to_match_regex", "key", [1])
+    bad, fallbacks = split_failures(SuiteRun("fuse", False, 3, [leak, short, key], {}), frame, CAPTION_SLOTS)
+    # a: both fused captions fall back, the sample stays; b: a bad key puts the sample in doubt, with every check
+    # it failed; c: its short caption already is the alt-text (guards failed), so the sample is quarantined.
+    assert fallbacks == {(0, "caption_dense"): [leak.name], (0, "caption_short"): [short.name]}
+    assert bad == {1: [leak.name, key.name], 2: [short.name]}
+    table = Failure("expect_table_row_count_to_equal", None, None)
+    bad, fallbacks = split_failures(SuiteRun("fuse", False, 3, [leak, table], {}), frame, CAPTION_SLOTS)
+    assert fallbacks == {} and sorted(bad) == [0, 1, 2] and bad[0] == [table.name, leak.name]
+
+
+def test_translations_too_short_for_language_id_are_not_mismatches(broken):
+    rows = _edit(broken, "translate", 0, lambda rows: [r.update(qe_lang=None) for r in rows[1:]])
+    assert len(rows) >= 5
+    assert _validate(broken, "translate", 0, spec(translation_lang_match_mostly=1.0))["success"]
+    _edit(broken, "translate", 0, lambda rows: rows[0].update(qe_lang="es"))
+    assert not _validate(broken, "translate", 0, spec(translation_lang_match_mostly=1.0))["success"]

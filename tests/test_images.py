@@ -181,9 +181,14 @@ def test_jpeg_is_decoded_at_reduced_scale(monkeypatch: pytest.MonkeyPatch) -> No
     for orientation_exif in (b"", exif.tobytes()):
         decoded.clear()
         data = encode(halves((1600, 800), RED, BLUE), "JPEG", quality=90, exif=orientation_exif)
-        out = run(data, image_size=100, resize_mode="keep_ratio")
+        out = run(data, image_size=100, resize_mode="keep_ratio", analysis_size=None)
         assert decoded[0] == (200, 100), "1/8 scale covers a 100px smallest side"
         assert sorted((out.width, out.height)) == [100, 200]
+        # With an analysis copy the decode covers it too: 1/4 scale (800x400) for a 600px bound.
+        decoded.clear()
+        out = run(data, image_size=100, resize_mode="keep_ratio", analysis_size=600)
+        assert decoded[0] == (800, 400)
+        assert sorted(decode(out.analysis).size) == [300, 600] and out.analysis_kind == "resized"
 
 
 # ---- EXIF orientation ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from infra.loopback_server import ImageServer
 from infra.settings import DatasetSpec, DownloadConfig, ImageConfig, IngestConfig, InputSpec
 from infra.store import LocalStore, open_store
 from tasks.ingest import STAGE, dedup_dataset, ingest_shard, plan_ingest
-from tasks.shards import stage_key
+from tasks.shards import is_analysis_member, is_image_member, member_key, stage_key
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((REPO.parent / "shared" / "data" / "photos" / "images").glob("*.jpg"))
@@ -67,8 +67,18 @@ def read_dataset(store, dataset: str) -> tuple[pa.Table, Counter]:
     for k in keys:
         if k.endswith(".tar"):
             with tarfile.open(fileobj=io.BytesIO(store.get_bytes(k))) as tar:
-                members.update(m.name.rsplit(".", 1)[0] for m in tar if m.name.endswith(".jpg"))
+                members.update(m.name.rsplit(".", 1)[0] for m in tar if is_image_member(m.name))
     return pa.concat_tables(tables, promote_options="permissive"), members
+
+
+def analysis_keys(store, dataset: str) -> Counter:
+    """How many times each key has an analysis copy (KEY.analysis.jpg) in the tars."""
+    found: Counter = Counter()
+    for k in store.list(f"{dataset}/{STAGE}"):
+        if k.endswith(".tar"):
+            with tarfile.open(fileobj=io.BytesIO(store.get_bytes(k))) as tar:
+                found.update(member_key(m.name) for m in tar if is_analysis_member(m.name))
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +231,7 @@ def test_retry_failed_refetches_only_failed_samples(server, tmp_path):
     table, members = read_dataset(store, "retry")
     assert Counter(table.column("status").to_pylist()) == {"ok": 31}
     assert sum(members.values()) == 31 and max(members.values()) == 1
+    assert analysis_keys(store, "retry") == members  # the kept samples keep their analysis copies
     assert not any(server.hits[u.removeprefix(server.base_url)] for u in good)  # good samples not refetched
     assert server.hits[flaky.removeprefix(server.base_url)] >= 1
 

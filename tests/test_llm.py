@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import threading
 import time
 from collections import Counter
@@ -144,6 +145,58 @@ def test_llamacpp_registry_cache_and_model_id(local: LlamaCppLLM):
     assert name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert digest == file_sha256(local.model_path)[:12]
     assert local.model_id is local.model_id  # hashed once, cached
+
+
+def test_llamacpp_reuses_the_kv_cache_for_a_shared_prefix(local: LlamaCppLLM):
+    """Consecutive prompts that share a prefix (system text, few-shot examples) evaluate only what differs."""
+    system = "You turn a data block into one caption. " + "Use only facts from the data block. " * 20
+    prefix_tokens = len(local._llm.tokenize(system.encode(), add_bos=False))
+
+    def ask(system_text: str, data: str) -> int:
+        before = local.usage.cached_prompt_tokens
+        (out,) = local.generate([[{"role": "system", "content": system_text},
+                                  {"role": "user", "content": data}]], max_tokens=4)
+        assert out.error is None, out
+        return local.usage.cached_prompt_tokens - before
+
+    assert ask(system, "alt: a dog on a beach") < prefix_tokens // 2  # a new prefix: evaluated
+    assert ask(system, "alt: two cats on a sofa") >= prefix_tokens  # the same prefix: taken from the cache
+    assert ask("Another instruction. " * 30, "alt: two cats on a sofa") < prefix_tokens // 2
+
+
+def test_llamacpp_threads_follow_the_worker_share(monkeypatch):
+    from infra.models import WORKER_THREADS_ENV
+    from tasks.llm import default_threads
+
+    monkeypatch.setenv(WORKER_THREADS_ENV, "3")
+    assert default_threads() == 3
+    monkeypatch.delenv(WORKER_THREADS_ENV)
+    assert default_threads() == max(1, os.cpu_count() or 1)
+
+
+def test_llamacpp_model_names(local: LlamaCppLLM, tmp_path):
+    assert LlamaCppLLM(model_path="smollm2-135m", n_threads=1).model_path == local.model_path
+    with pytest.raises(ModelUnavailable, match=r"'qwen2\.5-1\.5b' is not installed .*capfactory models install "
+                       r"qwen2\.5-1\.5b"):
+        LlamaCppLLM(model_path="qwen2.5-1.5b", models_dir=str(tmp_path))
+
+
+def test_qwen_follows_its_chatml_template():
+    """Qwen2.5-Coder-1.5B-Instruct (when installed: `capfactory models install qwen2.5-1.5b`) answers through the
+    GGUF's own chat template (ChatML): a plain caption, no template tokens in it, ended by its end-of-turn token."""
+    from infra.settings import Settings
+
+    try:
+        qwen = LlamaCppLLM(model_path="qwen2.5-1.5b", n_threads=2, models_dir=Settings().models_dir)
+    except ModelUnavailable:
+        pytest.skip("the Qwen model is not installed (capfactory models install qwen2.5-1.5b)")
+    assert "<|im_start|>" in qwen._llm.metadata["tokenizer.chat_template"]
+    assert qwen.model_id == "llamacpp:qwen2.5-coder-1.5b-instruct-q4_k_m.gguf@cc324af070c2"
+    (out,) = qwen.generate([[{"role": "system", "content": "Answer with one short sentence."},
+                             {"role": "user", "content": "Describe a photo of a red bus on a street."}]], 40)
+    assert out.error is None and out.text, out
+    assert "bus" in out.text.lower() and "<|im_" not in out.text and "assistant" not in out.text.lower()
+    assert qwen.usage.completion_tokens < 40  # it stopped at its end-of-turn token, not at max_tokens
 
 
 def test_llamacpp_missing_model_file(tmp_path):

@@ -16,7 +16,15 @@ import yaml
 from PIL import Image
 
 from infra.loopback_server import ImageServer
-from infra.settings import DatasetSpec, DownloadConfig, IngestConfig, InputSpec, PublishConfig, ScoreConfig
+from infra.settings import (
+    DatasetSpec,
+    DownloadConfig,
+    IngestConfig,
+    InputSpec,
+    PublishConfig,
+    ScoreConfig,
+    TranslateConfig,
+)
 from infra.store import LocalStore
 from tasks.experts import experts_schema
 from tasks.fuse import FUSED_SCHEMA
@@ -68,8 +76,11 @@ def add_stages(store: LocalStore, dataset: str, shards: list[int]) -> None:
             n += ok
             experts.append({"key": r["key"], "status": "ok" if ok else "skipped",
                             "ocr_text": "STOP" if n == 2 and ok else None,
+                            "ocr": [{"text": "STOP", "score": 0.9, "box": [[8, 8], [90, 8], [90, 40], [8, 40]]}]
+                            if n == 2 and ok else [],
                             # the detector found objects in some images and none in others
                             "object_counts": [] if n == 4 else [("cat", 1)],
+                            "objects": [] if n == 4 else [{"label": "cat", "score": 0.8, "box": [20, 30, 150, 140]}],
                             "provenance": [("ocr", "rapidocr:test")]})
             short = f"A photo number {n}." if ok else r["alt_text"]
             fused.append({"key": r["key"], "status": "ok" if ok else "skipped", "alt_text": r["alt_text"],
@@ -227,12 +238,12 @@ def test_publish_selected_samples_and_every_row_in_parquet(store, tmp_path):
     assert seen[ok[3]]["json"]["translations"] == [{"field": "caption_short", "lang": "pt", "status": "ok",
                                                    "text": "Uma foto número 4.", "qe_passed": True, "qe_reasons": []}]
     assert sorted(seen) == sorted(selected)
-    # Every JSON field keeps one type across samples: maps are objects, the empty ones too.
+    # Every JSON field keeps one type across samples: maps are lists of key/value pairs, the empty ones too.
     counts = [sample["json"]["object_counts"] for sample in seen.values()]
-    assert {"cat": 1} in counts and {} in counts and all(isinstance(c, dict) for c in counts)
+    assert [{"key": "cat", "value": 1}] in counts and [] in counts
     pil = next(iter(wds.WebDataset(urls[:1], shardshuffle=False).decode("pil")))
     assert pil["jpg"].size[0] > 0
-    assert dict(pil["json"]["provenance"])["fuse.llm"] == "llamacpp:test"
+    assert {p["key"]: p["value"] for p in pil["json"]["provenance"]}["fuse.llm"] == "llamacpp:test"
 
     # Hugging Face datasets reads both, offline.
     parquet = datasets.load_dataset("parquet", data_files=str(store.root / "full/publish/samples.parquet"),
@@ -307,3 +318,197 @@ def test_publish_flow_on_a_local_cluster(store):
     assert result["selected"] == 4 and len(result["shards"]) == 2
     assert all(store.exists(k) for k in result["shards"])
     assert pq.read_table(store.root / "flow/publish/samples.parquet").num_rows == 8
+
+
+def leaked_caption() -> str:
+    """A dense caption that starts with a sentence of the prompt template, as SmolLM2 wrote them."""
+    from expectations.fuse import template_text
+
+    return next(s for s in template_text()[0] if len(s.split()) >= 8).rstrip(".:") + ": a cat on a sofa."
+
+
+def test_a_leaked_dense_caption_falls_back_alone_and_the_sample_is_published(store, tmp_path):
+    """The fuse suite finds a dense caption that leaks the prompt template (it passed the guards); the dense slot
+    falls back to the alt-text, the short caption stays, and the sample is published, not quarantined."""
+    import datasets
+
+    from tasks.validate import caption_fallbacks, fallback_key, quarantined_keys, validate_shard
+
+    copy_raw(store, "bare", "leak")
+    add_stages(store, "leak", [0, 1, 2])
+    key = stage_key("leak", "fuse", 0, "parquet")
+    fused = store.get_parquet(key).to_pylist()
+    leaked = next(r for r in fused if r["status"] == "ok")
+    text = leaked_caption()
+    leaked.update(caption_dense=text, dense_passed=True, dense_reasons=[])
+    store.put_parquet(key, pa.Table.from_pylist(fused, FUSED_SCHEMA))
+    spec = DatasetSpec(name="leak", publish=PublishConfig(caption_field="caption_dense"))
+
+    result = validate_shard(store.uri, "leak", "fuse", 0, spec)
+    check = "expect_column_values_to_not_match_regex_list(caption_dense)"
+    assert not result["success"] and result["quarantined"] == [] and quarantined_keys(store, "leak") == set()
+    assert result["counts"]["caption_fallbacks"] == 1
+    assert result["fallbacks"] == [{"key": leaked["key"], "caption": "caption_dense", "text": text,
+                                    "reasons": [check]}]
+    failed = next(f for f in result["failed"] if f["expectation"] in check)
+    assert failed["action"] == "caption fallback" and failed["row_ids"] == [{"key": leaked["key"]}]
+    assert caption_fallbacks(store, "leak") == {(leaked["key"], "caption_dense"): [check]}
+    assert store.exists(fallback_key("leak", "fuse", 0))
+
+    release = publish_inline(store, "leak", spec)
+    assert release["filters"]["caption_fallbacks"] == 1 and release["filters"]["quarantined"] == 0
+    row = next(r for r in pq.read_table(store.root / "leak/publish/samples.parquet").to_pylist()
+               if r["key"] == leaked["key"])
+    assert row["selected"] and row["failed_filters"] == []
+    assert row["caption_dense"] == leaked["alt_text"] and row["dense_passed"] is False
+    assert row["caption_short"] == leaked["caption_short"] == "A photo number 1." and row["short_passed"]
+    assert row["dense_reasons"] == [f"validate: {check}"] and row["short_reasons"] is None
+    members = {}
+    for tar_key in release["shards"]:
+        with tarfile.open(store.root / tar_key) as tar:
+            members |= {m.name: tar.extractfile(m).read() for m in tar}
+    meta = json.loads(members[f"{leaked['key']}.json"])
+    assert meta["caption_dense"] == leaked["alt_text"] and meta["caption_short"] == "A photo number 1."
+    assert meta["dense_passed"] is False and meta["dense_reasons"] == [f"validate: {check}"]
+    assert members[f"{leaked['key']}.txt"].decode() == leaked["alt_text"]  # caption_field: caption_dense
+    assert text not in b"".join(members.values()).decode("utf-8", "replace")
+    card = (store.root / "leak/publish/README.md").read_text()
+    assert "Validation also set aside 1 captions (back to the alt-text)" in card
+    web = datasets.load_dataset("webdataset", data_files=[str(store.root / k) for k in release["shards"]],
+                                split="train", cache_dir=str(tmp_path / "hf"))
+    assert leaked["key"] in web["__key__"]
+
+    # Without the fallback (a re-validated shard whose caption is fixed) the fused caption is published again.
+    leaked.update(caption_dense="A long detailed photo number 1 caption.")
+    store.put_parquet(key, pa.Table.from_pylist(fused, FUSED_SCHEMA))
+    assert validate_shard(store.uri, "leak", "fuse", 0, spec)["success"]
+    assert caption_fallbacks(store, "leak") == {} and not store.exists(fallback_key("leak", "fuse", 0))
+
+
+def late_values_store(tmp: Path, filled_from: int = 7) -> LocalStore:
+    """Dataset `late`: 9 distinct COCO photos in one raw shard; the first `filled_from - 1` samples have no OCR
+    text, objects, tags, synthetic caption, input warning, CLIP score, language or translations (null or empty
+    strings, floats, lists, maps and nested fields), the later ones have them all."""
+    captions = [json.loads(line) for line in (PHOTOS / "captions.jsonl").read_text().splitlines()][:9]
+    images = {Path(c["file"]).name: (PHOTOS / c["file"]).read_bytes() for c in captions}
+    with ImageServer(images) as server:
+        urls = [server.url(f"/img/{i}/{name}") for i, name in enumerate(images)]
+        pq.write_table(pa.table({"url": urls, "caption": [c["captions"][0].strip() for c in captions]}),
+                       tmp / "late.parquet")
+        store = LocalStore(tmp / "store")
+        cfg = IngestConfig(shard_size=16, download=DownloadConfig(allow_cidrs=("127.0.0.0/8",), retries=0))
+        for shard in plan_ingest(store, "late", [InputSpec(path=str(tmp / "late.parquet"))], cfg).todo:
+            ingest_shard(store.uri, "late", shard, cfg)
+    dedup_dataset(store, "late", cfg.phash_threshold)
+    key = stage_key("late", "ingest", 0, "parquet")
+    raw = store.get_parquet(key).to_pylist()
+    assert [r["status"] for r in raw] == ["ok"] * 9
+    for n, r in enumerate(raw, 1):
+        r["input_warning"] = "caption truncated" if n >= filled_from else None
+    store.put_parquet(key, pa.Table.from_pylist(raw, store.get_parquet(key).schema))
+    experts, fused, translated, scores = [], [], [], []
+    for n, r in enumerate(raw, 1):
+        late = n >= filled_from
+        experts.append({"key": r["key"], "status": "ok", "ocr_text": "STOP" if late else None,
+                        "ocr": [{"text": "STOP", "score": 0.9, "box": [[8, 8], [90, 8], [90, 40], [8, 40]]}]
+                        if late else [],
+                        "objects": [{"label": "dog", "score": 0.7, "box": [1, 2, 3, 4], "color": "brown"}]
+                        if late else [],
+                        "object_counts": [("dog", 1 + n)] if late else [], "caption_synthetic": f"synthetic {n}"
+                        if late else None, "tags": [{"tag": "outdoor", "score": 0.6}] if late else None,
+                        "provenance": [("ocr", "rapidocr:test")] + ([("tagger", "ram:test")] if late else [])})
+        fused.append({"key": r["key"], "status": "ok", "alt_text": r["alt_text"], "caption_short": f"Photo {n}.",
+                      "caption_dense": f"A long photo {n}.", "short_passed": True, "dense_passed": not late,
+                      "dense_reasons": ["too_long"] if late else [], "provenance": [("llm", "llamacpp:test")]})
+        if late:
+            translated.append({"key": r["key"], "field": "caption_short", "lang": "pt", "source_text": f"Photo {n}.",
+                               "text": f"Foto {n}.", "status": "flagged", "qe_passed": False,
+                               "qe_reasons": ["length_ratio"], "provenance": [("backend", "bergamot")]})
+        scores.append({"key": r["key"], "status": "ok", "clip_short": 0.25 + n / 100 if late else None,
+                       "lang_alt": "en" if late else None, "provenance": [("clip", "open_clip:test")]})
+    _write(store, "late", "extract", 0, pa.Table.from_pylist(experts, experts_schema()))
+    _write(store, "late", "fuse", 0, pa.Table.from_pylist(fused, FUSED_SCHEMA))
+    _write(store, "late", "translate", 0, pa.Table.from_pylist(translated, TRANSLATED_SCHEMA))
+    _write(store, "late", "score", 0, pa.Table.from_pylist(scores, SCORES_SCHEMA))
+    return store
+
+
+def test_fields_null_in_the_first_samples_and_filled_later_load_everywhere(tmp_path):
+    """HF `datasets`' webdataset loader infers KEY.json's types from the first 5 samples of the first tar: a field
+    null or empty there and filled later (a string, a float, lists, a map, fields nested in lists) used to fail
+    the load (`Couldn't cast array of type string to null`); a map's keys seen later were silently dropped."""
+    import datasets
+    import webdataset as wds
+
+    store = late_values_store(tmp_path)
+    spec = DatasetSpec(name="late", translate=TranslateConfig(drop_failed=False))
+    release = publish_inline(store, "late", spec)
+    assert release["selected"] == 9 and release["untyped_fields"] == []
+    urls = [str(store.root / k) for k in release["shards"]]
+    samples = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False).decode()}
+    assert len(samples) == 9
+    metas = [s["json"] for s in samples.values()]
+    # One JSON type per field in every sample (null aside): the release keeps its nulls and its empty lists.
+    for field in metas[0]:
+        kinds = {type(m[field]).__name__ for m in metas} - {"NoneType"}
+        assert len(kinds) <= 1, (field, kinds)
+        assert all(field in m for m in metas)
+    early = [m for m in metas if m["ocr_text"] is None]
+    late = [m for m in metas if m["ocr_text"] is not None]
+    assert len(early) == 6 and len(late) == 3
+    assert all(m["clip_short"] is None and m["objects"] == [] and m["tags"] is None for m in early)
+    assert all(m["input_warning"] is None and m["object_counts"] == [] for m in early)
+    dogs = {m["key"]: m for m in late}
+    for m in late:
+        assert m["ocr_text"] == "STOP" and m["caption_synthetic"].startswith("synthetic") and m["clip_short"] > 0.25
+        assert m["objects"][0]["label"] == "dog" and m["tags"] == [{"tag": "outdoor", "score": pytest.approx(0.6)}]
+        assert m["translations"][0]["qe_reasons"] == ["length_ratio"] and m["dense_reasons"] == ["too_long"]
+        assert [p["key"] for p in m["object_counts"]] == ["dog"]
+    assert {p["value"] for m in late for p in m["object_counts"]} == {8, 9, 10}
+
+    # The webdataset loader, as users call it (types inferred from the tars alone), and the published folder.
+    web = datasets.load_dataset("webdataset", data_files=str(store.root / "late/publish/shard-*.tar"),
+                                split="train", cache_dir=str(tmp_path / "hf"))
+    assert web.num_rows == 9
+    rows = {r["__key__"]: r["json"] for r in web}
+    for key, meta in dogs.items():
+        row = rows[key]
+        assert row["ocr_text"] == "STOP" and row["input_warning"] == "caption truncated"
+        assert row["clip_short"] == pytest.approx(meta["clip_short"]) and row["lang_alt"] == "en"
+        assert row["objects"][0]["color"] == "brown" and row["translations"][0]["text"] == meta["translations"][0][
+            "text"]
+        assert row["object_counts"] == meta["object_counts"] and row["dense_reasons"] == ["too_long"]
+        assert dict((p["key"], p["value"]) for p in row["provenance"])["extract.tagger"] == "ram:test"
+    assert sum(r["clip_short"] is None for r in rows.values()) == 6  # nulls stay null
+    folder = datasets.load_dataset(str(store.root / "late/publish"), split="train", cache_dir=str(tmp_path / "hf2"))
+    assert folder.num_rows == 9 and sum(r["json"]["ocr_text"] == "STOP" for r in folder) == 3
+    parquet = datasets.load_dataset("parquet", data_files=str(store.root / "late/publish/samples.parquet"),
+                                    split="train", cache_dir=str(tmp_path / "hf"))
+    assert parquet.num_rows == 9 and sum(v is None for v in parquet["clip_short"]) == 6
+    assert sorted(parquet.features) == sorted(folder[0]["json"]) == sorted(rows[next(iter(dogs))])
+    # Maps are lists of key/value pairs in both (the Parquet's int32 counts are int64 when inferred from JSON).
+    assert set(parquet.features["object_counts"].feature) == set(folder.features["json"]["object_counts"].feature)
+
+
+def test_type_witnesses_cover_every_path_or_name_the_rest():
+    """The set cover behind the release order: unselected rows never count, nested paths do, and paths that no
+    5 samples can show together are named (the card then tells users to pass `features`)."""
+    from tasks.publish import dataset_card, type_witnesses
+
+    item = pa.struct([("text", pa.string()), ("score", pa.float32())])
+    schema = pa.schema([("selected", pa.bool_()), *((f"f{j}", pa.string()) for j in range(7)),
+                        ("items", pa.list_(item))])
+    rows = [{"selected": False, **{f"f{j}": "x" for j in range(7)}, "items": [{"text": "a", "score": 1.0}]}]
+    rows += [{"selected": True, f"f{i}": "x", "items": []} for i in range(7)]
+    rows += [{"selected": True, "items": [{"text": None, "score": float("nan")}]},
+             {"selected": True, "f0": "x", "f1": "y", "items": [{"text": "b", "score": None}]}]
+    chosen, untyped = type_witnesses(pa.Table.from_pylist(rows, schema))
+    # Row 9 shows f0, f1 and the list items' text; f2..f5 take one row each, and f6 is left.
+    assert chosen == [9, 3, 4, 5, 6] and untyped == {"f6"}
+    # A NaN or a null inside a list item shows no type: no row fills the items' score, so none is needed.
+    chosen, untyped = type_witnesses(pa.Table.from_pylist(rows[8:], schema))
+    assert chosen == [1] and untyped == set()
+    assert type_witnesses(pa.Table.from_pylist(rows[:1], schema)) == ([], set())
+    table = pa.table({"key": ["a"], "provenance": pa.array([[]], pa.map_(pa.string(), pa.string()))})
+    plan = {"selected": 1, "samples": 1, "shards": 1, "filters": {}, "untyped": ["f6"]}
+    assert "No 5 samples show the type of f6: pass `features`" in dataset_card("d", table, plan, DatasetSpec(name="d"))

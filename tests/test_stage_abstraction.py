@@ -15,7 +15,7 @@ import pytest
 
 import tasks.experts as experts_registry
 from expectations.runner import SUITES
-from flows.stage import make_stage, needs_gpu
+from flows.preflight import make_stage, needs_gpu
 from infra.deploy import load_project
 from infra.settings import DatasetSpec, ExtractConfig, IngestConfig, InputSpec, build_spec
 from infra.stages import LEGACY_FOLDERS, ORDER, OUTPUT_STAGES, migrate_layout, stage_class

@@ -71,7 +71,7 @@ def test_validate_flow_modes_skips_and_data_docs(ingested):
     assert list(result["suites"]) == ["ingest"] and result["validated"] == {"ingest": [0]}
     assert result["skipped_suites"] == ["extract", "fuse", "translate", "score"]
     assert result["suites"]["ingest"] == {"shards": 1, "passed": 1, "failed_shards": [], "rows": 4,
-                                       "quarantined_rows": 0, "failing_expectations": {}}
+                                       "quarantined_rows": 0, "caption_fallbacks": 0, "failing_expectations": {}}
     assert result["data_docs"] == f"{docs_prefix('val')}/index.html" and store.exists(result["data_docs"])
     assert store.get_json(summary_key("val"))["suites"]["ingest"]["passed"] == 1
 
