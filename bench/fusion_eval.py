@@ -15,7 +15,7 @@ It also calibrates the verifier on human captions: a COCO caption checked agains
 human caption as the alt-text, the experts' detections and OCR) and against another image's sources.
 
 Run:  .venv/bin/python bench/fusion_eval.py [DATA_DIR] [--images 40] [--models smollm2-135m,qwen2.5-1.5b]
-      [--models-dir ../shared/models] [--out bench/results/fusion_eval.json]
+      [--models-dir ../shared/models] [--work DIR [--reuse]] [--out bench/results/fusion_eval.json]
 """
 
 from __future__ import annotations
@@ -107,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="qwen2.5-1.5b", help="comma-separated fuse.model values")
     parser.add_argument("--models-dir", default=os.environ.get("CAPFACTORY_MODELS_DIR", str(SHARED / "models")))
     parser.add_argument("--prompt-version", default=FuseConfig().prompt_version)
+    parser.add_argument("--min-object-score", type=float, default=FuseConfig().min_object_score)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fusion_eval.json")
     parser.add_argument("--work", type=Path, help="keep the store here: ingest + experts are reused by the next run "
-                        "and each model's fuse table is kept as fuse-<model>.parquet")
+                        "and each model's fuse table is kept as fuse-<model>-<min score>.parquet")
+    parser.add_argument("--reuse", action="store_true", help="with --work: start each model from its kept fuse "
+                        "table, so stored completions are re-verified without LLM calls (same prompts)")
     args = parser.parse_args(argv)
     chosen, truth_by_file = load_data(args.data, args.images)
     results: dict = {"data": str(args.data), "images": len(chosen), "models": {}}
@@ -133,12 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         truth = {k: truth_by_file[f] for k, f in file_of.items()}
         results["calibration"] = calibrate(chosen, file_of, extract, alt_of)
         for model in [m for m in args.models.split(",") if m]:
-            cfg = FuseConfig(model=model, prompt_version=args.prompt_version)
+            cfg = FuseConfig(model=model, prompt_version=args.prompt_version, min_object_score=args.min_object_score)
+            kept = Path(tmp) / f"fuse-{Path(model).name}-{args.min_object_score}.parquet"
+            if args.reuse and kept.is_file():
+                store.put_parquet(stage_key("eval", "fuse", 0, "parquet"), pq.read_table(kept))
             started = time.time()
             stats = FuseStage(cfg).run_shard(store.uri, "eval", 0)
             seconds = time.time() - started
             table = store.get_parquet(stage_key("eval", "fuse", 0, "parquet"))
-            pq.write_table(table, Path(tmp) / f"fuse-{Path(model).name}.parquet")
+            pq.write_table(table, kept)
             fused = table.to_pylist()
             ok = [r for r in fused if r["status"] == "ok"]
             sources = {r["key"]: sources_of(r, extract) for r in ok}

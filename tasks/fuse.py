@@ -30,7 +30,7 @@ from tasks.lib.openai_http import server_options
 from tasks.lib.text import pluralize
 from tasks.shards import RAW
 from tasks.stage import ShardContext, ShardOutput, ShardStage, StagePlan, counts_line
-from tasks.verify import Sources, build_support, template_runs, verify_claims
+from tasks.verify import Sources, build_support, omissions, template_runs, verify_claims
 
 EXTRACT = "extract"
 PROMPTS = Path(__file__).with_name("prompts")
@@ -391,7 +391,8 @@ def _fused_row(raw: dict, inputs: FuseInputs, injections: dict, completions: dic
             caption, alt_text=inputs.alt_text, ocr_text=inputs.ocr_text, labels=inputs.labels,
             min_words=cfg.min_words, max_words=cfg.max_words_short if out == "short" else cfg.max_words_dense,
             language=cfg.language, max_unsupported=cfg.max_unsupported, injection_markers=payloads)
-        reasons = verdict.reasons + verify_claims(caption, sources, _echo_runs(cfg.prompt_version), support)
+        reasons = [*verdict.reasons, *verify_claims(caption, sources, _echo_runs(cfg.prompt_version), support),
+                   *omissions(caption, sources)]
         row[f"{out}_passed"], row[f"{out}_reasons"] = not reasons, reasons
         mentioned |= set(verdict.mentioned)
         unsupported |= set(verdict.unsupported)

@@ -312,6 +312,11 @@ def mentioned_concepts(text: str | None) -> set[str]:
     return {c for c, _ in _scan(text, strict=True)}
 
 
+def named_concepts(text: str | None) -> set[str]:
+    """Every concept `text` names, asserted or not ('no dogs' names dog): what a text keeps of another's objects."""
+    return {c for c, _ in _scan(text, strict=False)}
+
+
 def canonical_labels(labels: Iterable[str]) -> set[str]:
     """Detector labels as concepts: COCO names as they are; other spellings ('tvmonitor', 'diningtable', 'sofa',
     'aeroplane', 'motorbike', 'traffic_light', '2 dogs') through the vocabulary."""

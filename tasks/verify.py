@@ -17,8 +17,11 @@ the reasons are kept. The checks are deterministic and cheap (word lists, an Eng
 - **person attribute**: race / ethnicity, age, gender, religion and health claims must be stated by a source
   (the same value: "a woman" in the caption needs a female word in a source; "a person" claims nothing).
 - **tautology / self-reference**: "the man is a man", "supported by the fact that", "this caption".
-- **fluency**: complete sentences (capital start, final punctuation, no dangling function word, no fragment),
-  balanced quotes and brackets, no sentence said twice.
+- **fluency**: complete sentences (final punctuation, no dangling function word, no fragment), balanced quotes
+  and brackets, no sentence said twice.
+
+`omissions` adds one more reason for fused captions, **omission**: every object the alt-text names (a COCO concept,
+or a related one) must still be in the caption, so a fused caption is never poorer than the alt-text it replaces.
 
 Sources are the alt-text, the OCR text, the synthetic caption, and the detected objects (labels, counts, colours).
 Each reason is "kind: detail"; kinds: echo, unsupported_noun, count, colour, text, person_attribute, tautology,
@@ -32,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
 
-from tasks.grounding import CONCEPTS, RELATED, canonical_labels, mentioned_concepts
+from tasks.grounding import CONCEPTS, RELATED, canonical_labels, mentioned_concepts, named_concepts
 from tasks.lib.text import normalize_text
 
 ECHO_RUN = 4  # words in a row shared with a template (at least two of them content words) make an echo
@@ -484,6 +487,16 @@ def _fluency(text: str, complete: bool) -> list[str]:
     if stripped.count('"') % 2:
         reasons.append("fluency: unbalanced quotes")
     return list(dict.fromkeys(reasons))
+
+
+def omissions(caption: str, sources: Sources) -> list[str]:
+    """The objects the alt-text names that `caption` drops (a fused caption must not be poorer than the alt-text it
+    replaces); [] when it keeps them all. Not part of `verify_claims`: a human caption is no poorer for naming other
+    things."""
+    kept = named_concepts(normalize_text(caption))
+    kept |= {r for c in kept for r in RELATED.get(c, ())}
+    lost = sorted(mentioned_concepts(sources.alt_text) - kept)
+    return [f"omission: {', '.join(lost)} (named by the alt-text)"] if lost else []
 
 
 def verify_claims(caption: str, sources: Sources, runs: frozenset[tuple[str, ...]] = frozenset(),

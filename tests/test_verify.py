@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tasks.fuse import prompt_texts
-from tasks.verify import Sources, head_nouns, template_runs, verify_claims
+from tasks.verify import Sources, head_nouns, omissions, template_runs, verify_claims
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
 SURF = Sources("A man riding a wave on top of a surfboard.", None, None,
@@ -60,6 +60,15 @@ def test_a_faithful_richer_caption_passes():
 ])
 def test_each_unsupported_claim_is_rejected_with_its_reason(caption, kind):
     assert kind in kinds(caption)
+
+
+def test_a_fused_caption_must_keep_the_objects_the_alt_text_names():
+    sources = Sources("A living room with a dog and a table.", None, None, ({"label": "couch"},) * 2)
+    assert omissions("Two couches in a living room.", sources) == [
+        "omission: dining table, dog (named by the alt-text)"]
+    assert omissions("Two couches, a dog and a table in a living room.", sources) == []
+    assert omissions("Two sofas, a puppy and a desk in a living room.", sources) == []  # synonyms keep them
+    assert omissions("A couch.", Sources(None, None, None, ())) == []
 
 
 def test_person_attributes_pass_when_a_source_states_them():
