@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from PIL import Image
 
 from infra.models import ModelUnavailable, backend_class, load_backend, needs_gpu
-from infra.settings import ExtractConfig
+from infra.settings import ExtractConfig, Settings
 from tasks.experts import Choice, Expert, experts_schema, published_columns, selected
+from tasks.experts.objects import detector_fallback
 from tasks.images import decode_rgb
 from tasks.shards import RAW, read_marker, read_shard_images
 from tasks.stage import ShardContext, ShardOutput, ShardStage, StagePlan, counts_line
@@ -126,6 +127,15 @@ class ExtractStage(ShardStage):
     @property
     def published(self):
         return published_columns()
+
+    @property
+    def config_hash(self) -> str:
+        """The config's hash, with the stand-in detector when YOLOv3-tiny replaces a missing YOLOX file: adding the
+        file later recomputes the shards (and nothing changes for a config that names its detector)."""
+        base = self.config.config_hash()
+        if not detector_fallback(self.config, self.models_dir or Settings().models_dir):
+            return base
+        return hashlib.sha256(f"{base}+detector=yolov3-tiny".encode()).hexdigest()[:16]
 
     def plan(self) -> StagePlan:
         plan = plan_experts(self.config, self.models_dir)

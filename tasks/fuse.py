@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -103,19 +104,27 @@ _NO_COLOUR = frozenset({"person", "banana", "apple", "sandwich", "orange", "broc
                         "donut", "cake", "potted plant"})
 
 
+def stated_colours(objects: list[dict]) -> list[dict]:
+    """The detections with the colours a caption may state: that of a single object only (the dominant colour of
+    one box; several boxes rarely agree), never for people or food. The same list is the prompt's facts and the
+    verifier's support."""
+    counts = Counter(o["label"] for o in objects)
+    return [o if counts[o["label"]] == 1 and o["label"] not in _NO_COLOUR else {**o, "color": None}
+            for o in objects]
+
+
 def describe_objects(objects: list[dict] | None) -> str | None:
     """The detections as a plain English phrase, counts as words, most frequent first: 'two people, a white
-    horse'. The colour of a single object only (the dominant colour of one box; several boxes rarely agree), and
-    never for people or food. None when nothing was detected."""
+    horse' (colours as `stated_colours` leaves them). None when nothing was detected."""
     if not objects:
         return None
     groups: dict[str, list[dict]] = {}
-    for o in objects:
+    for o in stated_colours(objects):
         groups.setdefault(o["label"], []).append(o)
     parts = []
     for label, items in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         n = len(items)
-        colour = items[0].get("color") if n == 1 and label not in _NO_COLOUR else None
+        colour = items[0].get("color")
         name = label if n == 1 else ("people" if label == "person" else pluralize(label))
         count = _NUMBER_WORDS[n] if n < len(_NUMBER_WORDS) else "many"
         if n == 1:
@@ -125,8 +134,9 @@ def describe_objects(objects: list[dict] | None) -> str | None:
 
 
 def confident(objects: list[dict] | None, min_score: float) -> list[dict]:
-    """The detections a caption may state: at least `min_score` (an object without a score counts)."""
-    return [o for o in objects or [] if (o.get("score") is None or o["score"] >= min_score)]
+    """The detections a caption may state: at least `min_score` (an object without a score counts), with the
+    colours it may state."""
+    return stated_colours([o for o in objects or [] if (o.get("score") is None or o["score"] >= min_score)])
 
 
 @dataclass
@@ -308,7 +318,7 @@ class FuseStage(ShardStage):
 
     def summary(self, result: dict) -> list[str]:
         return [counts_line("status", result.get("counts", {})),
-                f"  captions that passed their guards: {result.get('passed', {})}; LLM calls "
+                f"  captions verified and kept (else the alt-text): {result.get('passed', {})}; LLM calls "
                 f"{result.get('llm_calls', 0)}, cache hits {result.get('cache_hits', 0)}; inputs with injected "
                 f"instructions: {result.get('injections_found', 0)}",
                 *(f"  {k}: {v}" for k, v in result.get("provenance", {}).items())]

@@ -481,6 +481,12 @@ def _fluency(text: str, complete: bool) -> list[str]:
         if key in seen:
             reasons.append(f"fluency: sentence repeated {piece[:40]!r}")
         seen.add(key)
+    words = [t.lower() for t in _tokens(stripped)]
+    runs = [tuple(words[k:k + ECHO_RUN]) for k in range(len(words) - ECHO_RUN + 1)]
+    twice = next((r for k, r in enumerate(runs) if r in runs[k + ECHO_RUN:]
+                  and sum(1 for t in r if t not in FUNCTION_WORDS and t not in DETERMINERS) >= 2), None)
+    if twice and not any(r.startswith("fluency: sentence repeated") for r in reasons):
+        reasons.append(f"fluency: {' '.join(twice)!r} said twice")
     for a, b in ("()", "[]"):
         if stripped.count(a) != stripped.count(b):
             reasons.append(f"fluency: unbalanced {a}{b}")

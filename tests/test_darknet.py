@@ -15,7 +15,8 @@ from PIL import Image
 from infra.models import ModelUnavailable, load_backend
 from tasks import darknet
 
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PHOTOS = SHARED / "data" / "photos"
 TINY_CFG = """[net]
 width=8
 height=8
@@ -114,3 +115,22 @@ def test_vocabulary_and_labels(detector):
     assert {d.label for d in only_tv.detect([image])[0]} == {"tv"}
     with pytest.raises(ValueError, match="COCO-80"):
         darknet.YoloV3TinyDetector(vocabulary=("sofa",))  # darknet's name; the COCO label is "couch"
+
+
+def test_a_machine_without_yolox_falls_back_to_yolov3_tiny_and_says_so_in_the_hash(detector, tmp_path):
+    from infra.settings import ExtractConfig
+    from tasks.extract import ExtractStage
+
+    cfg = ExtractConfig()
+    without = ExtractStage(cfg, str(tmp_path))  # an empty models folder: no yolox_nano.onnx
+    assert without.plan().backends["detector"] == "yolov3-tiny"
+    with_yolox = ExtractStage(cfg, str(SHARED / "models"))
+    assert with_yolox.plan().backends["detector"] == "yolox-onnx"
+    # the stand-in is part of the stage's hash, so adding the YOLOX file later recomputes; a normal config's hash
+    # is its config hash, unchanged
+    assert with_yolox.config_hash == cfg.config_hash() != without.config_hash
+    named = ExtractConfig(detector={"backend": "yolox-onnx"})  # a detector named explicitly is never replaced
+    with pytest.raises(ModelUnavailable, match="no model file"):
+        ExtractStage(named, str(tmp_path)).plan()
+    assert ExtractStage(ExtractConfig(experts=("ocr",)), str(tmp_path)).config_hash == \
+        ExtractConfig(experts=("ocr",)).config_hash()

@@ -109,8 +109,9 @@ def test_extract_flow_runs_every_expert_and_records_every_sample(ingested):
 def test_plan_refuses_what_cannot_run_with_clear_errors(tmp_path):
     with pytest.raises(ModelUnavailable, match=r"captioner.*cpu profile has no default captioner"):
         plan_experts(ExtractConfig(experts=("caption",)), MODELS)
+    # a detector named explicitly is never replaced (left to the profile, YOLOv3-tiny stands in: test_darknet.py)
     with pytest.raises(ModelUnavailable, match=r"no model file at .*yolox_nano.onnx.*CAPFACTORY_MODELS_DIR"):
-        plan_experts(ExtractConfig(experts=("objects",)), str(tmp_path))
+        plan_experts(ExtractConfig(experts=("objects",), detector={"backend": "yolox-onnx"}), str(tmp_path))
     with pytest.raises(ModelUnavailable, match="endpoint"):
         plan_experts(ExtractConfig(experts=("caption",), captioner={"backend": "openai"}), MODELS)
     with pytest.raises(ModelUnavailable, match="no such backend"):
