@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 
 from PIL import Image
 
@@ -128,10 +129,11 @@ class ExtractStage(ShardStage):
     def published(self):
         return published_columns()
 
-    @property
+    @cached_property
     def config_hash(self) -> str:
         """The config's hash, with the stand-in detector when YOLOv3-tiny replaces a missing YOLOX file: adding the
-        file later recomputes the shards (and nothing changes for a config that names its detector)."""
+        file later recomputes the shards (and nothing changes for a config that names its detector). Once per
+        stage instance: status() reads it for every shard."""
         base = self.config.config_hash()
         if not detector_fallback(self.config, self.models_dir or Settings().models_dir):
             return base
