@@ -102,10 +102,13 @@ def _scale_point(p, sx: float, sy: float) -> list[float]:
 
 def to_original_coordinates(row: dict, read: tuple[int, int], original: tuple[int | None, int | None]) -> dict:
     """`row` with its boxes moved from the pixels of the copy the experts read (`read` = its size) to those of
-    the original image; a new row, the shared one (identical images share results) is left as it is."""
+    the original image; a new row, the shared one (identical images share results) is left as it is. A copy of
+    another aspect ratio (an old shard's `center_crop` / `border` training copy) keeps its own pixels."""
     ow, oh = original
     if not ow or not oh or tuple(read) == (ow, oh):
         return row
+    if abs(read[0] * oh - read[1] * ow) > max(ow, oh):
+        return row  # another aspect ratio: a cropped or padded training copy, which no scaling maps back
     sx, sy = ow / read[0], oh / read[1]
     out = dict(row)
     if row.get("objects"):

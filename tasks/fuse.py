@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import yaml
 
-from infra.model_assets import resolve_llm
+from infra.model_assets import DEFAULT_LLM, resolve_llm
 from infra.models import PROFILES, backend_class, load_backend, needs_gpu
 from infra.settings import FuseConfig, Settings
 from tasks.guards import check_caption, find_injection, injection_payloads
@@ -193,7 +193,8 @@ def build_messages(inputs: FuseInputs, mode: str, output: str, version: str) -> 
     alt, found_alt = _strip_injection(inputs.alt_text)
     ocr, found_ocr = _strip_injection(inputs.ocr_text)
     facts = {"alt_text": _clean(alt), "ocr_text": _clean(ocr), "objects": describe_objects(inputs.objects),
-             "synthetic": _clean(inputs.synthetic), "candidates": [_clean(c) for c in inputs.candidates or []]}
+             "synthetic": _clean(inputs.synthetic),
+             "candidates": [c for c in (_clean(_strip_injection(c)[0]) for c in inputs.candidates or []) if c]}
     spec = prompt_spec(version, mode, output)
     messages = [{"role": "system", "content": load_prompts(version)["system"]}]
     if "template" in spec:
@@ -230,8 +231,10 @@ def plan_llm(cfg: FuseConfig, models_dir: str | None = None) -> LLMChoice:
     backend_class("llm", name)
     if name == "llamacpp":
         resolve_llm(cfg.model, models_dir or Settings().models_dir)
-        # the translate stage's in-process LLM passes the same options, so a worker loads the model once
-        options = {"model_path": cfg.model, "models_dir": models_dir, "n_ctx": cfg.n_ctx, "seed": cfg.seed}
+        # the translate stage's in-process LLM passes the same options (the model by its name, the default n_ctx
+        # and seed), so a worker running both loads the model once
+        options = {"model_path": cfg.model or DEFAULT_LLM, "models_dir": models_dir, "n_ctx": cfg.n_ctx,
+                   "seed": cfg.seed}
     elif name == "openai":
         options = server_options("llm", "fuse", cfg)
     else:

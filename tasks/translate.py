@@ -139,7 +139,7 @@ def _options(name: str, cfg: TranslateConfig, models_dir: str | None) -> dict:
 
 def _llamacpp_options(cfg: TranslateConfig, models_dir: str | None) -> dict:
     """The in-process LLM's options, its package and model file checked now (nothing is loaded)."""
-    from infra.model_assets import resolve_llm
+    from infra.model_assets import DEFAULT_LLM, resolve_llm
     from infra.settings import Settings
 
     if importlib.util.find_spec("llama_cpp") is None:
@@ -150,7 +150,7 @@ def _llamacpp_options(cfg: TranslateConfig, models_dir: str | None) -> dict:
         how = e.how.replace("fuse.model", "translate.llm_model")  # the resolver speaks of the fusion setting
         raise ModelUnavailable("translator", "llamacpp", how) from None
     # the fuse stage's options with its default n_ctx and seed: a worker running both stages loads the model once
-    return {"model_path": cfg.llm_model, "models_dir": models_dir, "n_ctx": 2048, "seed": 0}
+    return {"model_path": cfg.llm_model or DEFAULT_LLM, "models_dir": models_dir, "n_ctx": 2048, "seed": 0}
 
 
 def _route(cfg: TranslateConfig, lang: str, models_dir: str | None) -> TranslatorChoice:

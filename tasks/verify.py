@@ -182,7 +182,7 @@ _SELF_REFERENCE = re.compile(r"\b(?:this|the|above|following|given|provided)\s+(
                              r"facts?|information|sentence|details?)\b|\bthe\s+fact\s+that\b|\bis\s+supported\s+by\b"
                              r"|\bas\s+(?:mentioned|described|stated|given|listed)\b|\baccording\s+to\b",
                              re.IGNORECASE)
-_WORD = re.compile(r"[A-Za-z]+(?:[-'][A-Za-z]+)*|\d+(?:[.,]\d+)?")
+_WORD = re.compile(r"[^\W\d_]+(?:[-'][^\W\d_]+)*|\d+(?:[.,]\d+)*")
 _QUOTED = re.compile(r"[\"“«]([^\"“”«»]{1,120})[\"”»]")
 
 
@@ -244,11 +244,14 @@ def _tokens(text: str) -> list[str]:
     return _WORD.findall(normalize_text(text))
 
 
-def _number(tok: str) -> int | None:
+def _number(tok: str) -> str | None:
+    """A number token as a canonical string: '5,000' -> '5000', '3.5', 'three' -> '3'; None for other words."""
     low = tok.lower()
-    if low.isdigit():
-        return int(low)
-    return _NUMBER_WORDS.get(low)
+    if low[:1].isdigit():
+        digits = low.replace(",", "")
+        return str(int(digits)) if digits.isdigit() else digits
+    value = _NUMBER_WORDS.get(low)
+    return None if value is None else str(value)
 
 
 # ---- support -------------------------------------------------------------------------------------------------------
@@ -271,7 +274,7 @@ def build_support(sources: Sources) -> Support:
     s.lemmas |= {w for c in detected for w in CONTEXT.get(c, ())}
     if sources.ocr_text and sources.ocr_text.strip():
         s.lemmas |= OCR_CONTEXT
-    s.numbers = {str(n) for w in words if (n := _number(w)) is not None} | {str(n) for n in s.counts.values()}
+    s.numbers = {n for w in words if (n := _number(w)) is not None}  # detection counts are checked per object
     s.colours = {_COLOUR_WORDS[w] for w in words if w in _COLOUR_WORDS}
     s.colours |= {_COLOUR_WORDS.get(str(o.get("color", "")).lower(), str(o.get("color", "")).lower())
                   for o in sources.objects if o.get("color")}
@@ -406,10 +409,10 @@ def _counts(text: str, support: Support) -> list[str]:
         n = _number(tok)
         if n is None:
             continue
-        if str(n) in support.numbers:
+        if n in support.numbers:
             continue
         concept = next((c for t in toks[i + 1:i + 4] if (c := _concept_of_word().get(_noun_lemma(t)))), None)
-        if concept and support.counts.get(concept) == n:
+        if concept and str(support.counts.get(concept)) == n:
             continue
         bad.append(tok)
     return [f"count: {', '.join(dict.fromkeys(bad))} not in any source"] if bad else []
@@ -424,8 +427,9 @@ def _colours(text: str, support: Support, race_words: set[int]) -> list[str]:
 
 
 def _quoted_text(text: str, support: Support) -> list[str]:
+    source = f" {support.text} "
     bad = [q for q in _QUOTED.findall(normalize_text(text))
-           if " ".join(_tokens(q)).casefold() not in support.text]
+           if f" {' '.join(_tokens(q)).casefold()} " not in source or not _tokens(q)]
     return [f"text: {', '.join(repr(q) for q in bad)} not in the OCR text or alt-text"] if bad else []
 
 

@@ -223,3 +223,14 @@ def test_a_release_ships_the_training_copy_only(datasets) -> None:
                     assert tar.extractfile(m).read() == raw[m.name]  # the training copy, as stored
     assert sorted(n for n in names if n.endswith(".jpg")) == sorted(f"{k}.jpg" for k in keys.values())
     assert not any(".analysis." in n for n in names)
+
+
+def test_boxes_of_a_cropped_or_padded_training_copy_are_not_scaled_to_the_original():
+    from tasks.extract import to_original_coordinates
+
+    row = {"key": "k", "objects": [{"label": "dog", "box": [0.0, 0.0, 256.0, 256.0]}], "ocr": None}
+    # a keep_ratio copy of a 1000x500 original: scaled back
+    scaled = to_original_coordinates(row, (512, 256), (1000, 500))
+    assert scaled["objects"][0]["box"] == pytest.approx([0, 0, 500, 500])
+    # a center_crop / border square of the same original (an old shard): no scaling maps it back; left as read
+    assert to_original_coordinates(row, (256, 256), (1000, 500)) is row

@@ -259,6 +259,10 @@ def test_rank_and_fuse_keeps_the_two_best_scored_candidates():
     assert items[1].candidates == ["only an alt-text"]
     messages, _ = build_messages(items[0], "rank-and-fuse", "short", "v2")
     assert "caption 1: a much longer synthetic caption" in messages[-1]["content"]
+    # candidates are untrusted text too: an injected sentence never reaches the prompt
+    injected = FuseInputs("c", INJECTED, None, None, None, candidates=[INJECTED, "A dog on a couch."])
+    user = build_messages(injected, "rank-and-fuse", "short", "v2")[0][-1]["content"]
+    assert PAYLOAD not in user and "caption 1: A dog sleeping on a couch." in user
 
 
 def test_rank_and_fuse_without_clip_weights_is_a_clear_error(coco_dataset, monkeypatch):

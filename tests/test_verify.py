@@ -95,6 +95,29 @@ def test_counts_colours_and_text_must_match_a_source():
     assert "count" in kinds("Three brown dogs at the park at 9 o'clock.", sources)
 
 
+def test_a_count_must_match_its_own_object_and_numbers_are_read_in_every_form():
+    sources = Sources("a yard", None, None, ({"label": "person"},) * 2 + ({"label": "dog"},)
+                      + ({"label": "chair"},) * 3)
+    assert kinds("Two people with three chairs and a dog in a yard.", sources) == set()
+    assert "count" in kinds("Two people with three dogs in a yard.", sources)  # 3 is the chairs' count
+    assert "count" in kinds("Three people with a dog in a yard.", sources)
+    crowd = Sources("a crowd on a street", None, None, ({"label": "person"},))
+    assert "count" in kinds("A crowd of 5,000 people on a street.", crowd)
+    assert "count" in kinds("A crowd of 2.5 people on a street.", crowd)
+    assert kinds("A crowd of 5000 people on a street.", Sources("5,000 people on a street", None, None, ())) \
+        == set()
+
+
+def test_quoted_text_and_names_in_any_script():
+    sources = Sources("a shop front in a square", "REOPENING SOON Пока 大阪", None, ())
+    assert "text" in kinds('A shop front in a square with the text "OPEN".', sources)  # a word, not a substring
+    assert kinds('A shop front in a square with the text "REOPENING SOON".', sources) == set()
+    assert "text" in kinds('A shop front in a square with the text "Привет".', sources)
+    assert kinds('A shop front in a square with the text "Пока".', sources) == set()
+    assert "text" in kinds('A shop front in a square with the text "東京".', sources)
+    assert "unsupported_noun" in kinds("A shop front in a square in Łódź.", sources)
+
+
 def test_category_words_near_synonyms_and_implied_scenes_are_supported():
     food = Sources("lunch time", None, None, ({"label": "pizza"}, {"label": "dining table"}, {"label": "fork"}))
     assert kinds("A pizza and a fork on a table, ready for lunch time.", food) == set()
