@@ -375,13 +375,14 @@ def _echo(text: str, runs: frozenset[tuple[str, ...]], support: Support) -> list
         if run in runs and f" {' '.join(run)} " not in source:
             reasons.append(f"echo: {' '.join(run)!r} (prompt text)")
             break
-    m = LAYOUT.search(text)
-    if m:
-        reasons.append(f"echo: {m.group(0)!r} (layout token)")
-    m = DATA_FORMAT.search(text)
-    if m:
-        reasons.append(f"echo: {m.group(0).strip()!r} (data block format)")
-    return reasons
+    return [*reasons, *_pattern_reason(LAYOUT, text, "echo: {!r} (layout token)"),
+            *_pattern_reason(DATA_FORMAT, text, "echo: {!r} (data block format)")]
+
+
+def _pattern_reason(rx: re.Pattern, text: str, reason: str) -> list[str]:
+    """[`reason` with the first match of `rx` in `text`], or [] when it does not match."""
+    m = rx.search(text)
+    return [reason.format(m.group(0).strip())] if m else []
 
 
 def _unsupported_nouns(text: str, support: Support) -> list[str]:
@@ -460,10 +461,7 @@ def _tautology(text: str) -> list[str]:
         if same or people:
             reasons.append(f"tautology: {toks[i]!r} {toks[i + 1]} {rest[0]!r}")
             break
-    m = _SELF_REFERENCE.search(text)
-    if m:
-        reasons.append(f"self_reference: {m.group(0)!r}")
-    return reasons
+    return [*reasons, *_pattern_reason(_SELF_REFERENCE, text, "self_reference: {!r}")]
 
 
 def _fluency(text: str, complete: bool) -> list[str]:
