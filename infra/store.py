@@ -109,7 +109,16 @@ class ArtifactStore(ABC):
         self.put_bytes(key, sink.getvalue())
 
     def get_parquet(self, key: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(pa.BufferReader(self.get_bytes(key)), columns=columns)
+        return read_parquet_bytes(self.get_bytes(key), columns)
+
+
+def read_parquet_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file held in memory as a table. Not `pq.read_table`: its dataset scanner may drop the last
+    reference to `data` on an Arrow pool thread after the read returns, and when that happens while the
+    interpreter exits, the thread cannot take the GIL and the process aborts ("terminate called without an
+    active exception"). The plain file reader finishes, and lets go of `data`, on the calling thread."""
+    with pq.ParquetFile(pa.BufferReader(data)) as f:
+        return f.read(columns=columns)
 
 
 class LocalStore(ArtifactStore):

@@ -21,6 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from infra.settings import InputSpec
+from infra.store import read_parquet_bytes
 from tasks.urls import bytes_key, normalize_url, url_key
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -371,7 +372,7 @@ def read_url_list(spec: InputSpec) -> tuple[pa.Table, InputReport]:
         try:
             with open(path, "rb") as f:
                 gzipped = f.read(2) == b"\x1f\x8b"  # `.parquet.gz` is accepted by detect_format
-            table = pq.read_table(pa.BufferReader(_open_bytes(path)) if gzipped else path)
+            table = read_parquet_bytes(_open_bytes(path)) if gzipped else pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{path}: not a readable Parquet file: {e}") from None
         # pandas writes its index as a column; it is not data.

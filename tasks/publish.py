@@ -333,7 +333,8 @@ def publish_shard(store_uri: str, dataset: str, shard: int, plan_key: str, cfg: 
     """Write `published/shard-NNNNN.tar` with the samples the plan numbered into it, images from the raw tars."""
     started = time.time()
     store = open_store(store_uri)
-    table = pq.read_table(pa.BufferReader(store.get_bytes(plan_key)), filters=[("published_shard", "=", shard)])
+    table = store.get_parquet(plan_key)
+    table = table.filter(pc.equal(table["published_shard"], shard))
     maps = {f.name for f in table.schema if pa.types.is_map(f.type)}
     rows = table.to_pylist()
     with tempfile.TemporaryDirectory(prefix="capfactory-") as tmp:
