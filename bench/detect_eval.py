@@ -15,7 +15,7 @@ What it measures (for `YoloxOnnxDetector`, the cpu profile's detector):
   existed, so the detector reads the 256 px training copy; a number: `analysis_size`), then the extract stage
   (objects expert; the detector's score threshold set to `--map-threshold` so that mAP sees the same low-score
   detections as the bare engine's) and the boxes of its table (in the original image's pixels): what
-  `capfactory extract` gives (bench/pipeline.py). Same scoring as the bare engine.
+  `capfactory extract` gives (bench/expert_path.py). Same scoring as the bare engine.
 
 Run:  .venv/bin/python bench/detect_eval.py [--model PATH] [--photos DIR] [--pipeline default,none]
       [--out bench/results/detect_eval.json]
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import machine_info  # noqa: E402
-from bench.pipeline import describe, image_settings, ingest_and_extract  # noqa: E402
+from bench.expert_path import describe, image_settings, ingest_and_extract  # noqa: E402
 from infra.models import Detection  # noqa: E402
 from infra.settings import DetectorConfig, ExtractConfig  # noqa: E402
 from tasks.detect import YoloxOnnxDetector  # noqa: E402

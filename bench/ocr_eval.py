@@ -27,7 +27,7 @@ Systems:
 - `pipeline [S]` for each `--pipeline` setting S: the scene images served by a loopback HTTP server, crawled by
   ingest with default settings except the analysis copy (`default`: as shipped; `none`: no analysis copy, as before
   it existed, so OCR reads the 256 px training copy; a number: `analysis_size`), then the extract stage (OCR expert,
-  default `ExtractConfig`) and its table's `ocr` lines: what `capfactory extract` gives (bench/pipeline.py). Its
+  default `ExtractConfig`) and its table's `ocr` lines: what `capfactory extract` gives (bench/expert_path.py). Its
   speed columns are the stage's wall time per image (ingest not included).
 
 Run:  .venv/bin/python bench/ocr_eval.py [--data DIR] [--min-scores 0.5,0.0] [--pipeline default,none]
@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import machine_info  # noqa: E402
-from bench.pipeline import describe, image_settings, ingest_and_extract  # noqa: E402
+from bench.expert_path import describe, image_settings, ingest_and_extract  # noqa: E402
 from infra.settings import ExtractConfig  # noqa: E402
 from tasks.ocr import RapidOCRBackend, ocr_words  # noqa: E402
 
