@@ -2,7 +2,8 @@
 crawled by ingest (default settings unless told), then the extract stage over the raw shards; the rows of the
 extract table come back by file, with the ingest tar's size.
 
-Run alone it reports the storage cost: `.venv/bin/python bench/expert_path.py [--images DIR] [--settings none,default,0]`
+Run alone it reports the storage cost:
+`.venv/bin/python bench/expert_path.py [--images DIR] [--settings none,default,0]`
 prints the ingest tar's bytes per 1,000 samples for each setting (default: the 150 COCO photos of the dev split).
 
 `image_settings(name)`: the ingest image settings a benchmark can compare: `default` (ImageConfig() as shipped),
