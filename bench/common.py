@@ -49,6 +49,8 @@ class RunResult:
     peak_rss_mb: float | None  # max over samples of the summed tree RSS
     max_procs: int | None
     log_tail: str = ""
+    # Per-process RSS over time, one sample a second: [[seconds since start, {"pid name": MB}], ...]
+    rss_series: list | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +64,8 @@ class TreeSampler:
         self.cpu_by_pid: dict[tuple[int, float], float] = {}
         self.peak_rss = 0
         self.max_procs = 0
+        self.started = time.perf_counter()
+        self.rss_series: list = []
 
     def sample(self) -> None:
         if self.root is None:
@@ -71,11 +75,19 @@ class TreeSampler:
         except psutil.Error:
             return
         rss = 0
+        now = time.perf_counter() - self.started
+        series = not self.rss_series or now - self.rss_series[-1][0] >= 1.0
+        by_process: dict[str, float] = {}
         for p in procs:
             with contextlib.suppress(psutil.Error), p.oneshot():
                 t = p.cpu_times()
-                rss += p.memory_info().rss
+                p_rss = p.memory_info().rss
+                rss += p_rss
                 self.cpu_by_pid[(p.pid, p.create_time())] = t.user + t.system
+                if series:
+                    by_process[f"{p.pid} {_role(p)}"] = round(p_rss / MB, 1)
+        if series:
+            self.rss_series.append([round(now, 1), by_process])
         self.peak_rss = max(self.peak_rss, rss)
         self.max_procs = max(self.max_procs, len(procs))
 
@@ -84,6 +96,16 @@ class TreeSampler:
 
     def peak_rss_mb(self) -> float | None:
         return self.peak_rss / MB if self.root is not None else None
+
+
+def _role(p) -> str:
+    """A short name for a process of the tree: what it runs, not its whole command line."""
+    cmd = p.cmdline()
+    text = " ".join(cmd)
+    for marker, role in (("spawn_main", "worker"), ("uvicorn", "prefect-server"), ("resource_tracker", "tracker")):
+        if marker in text:
+            return role
+    return Path(cmd[1]).name if len(cmd) > 1 else p.name()
 
 
 def kill_group(pgid: int, grace_s: float = 5.0) -> None:
@@ -158,6 +180,7 @@ def run_measured(
         cpu_user_s=user,
         cpu_sys_s=sys_,
         cpu_tree_sampled_s=sampler.cpu_s(),
+        rss_series=sampler.rss_series if psutil else None,
         peak_rss_mb=sampler.peak_rss_mb(),
         max_procs=sampler.max_procs if psutil else None,
         log_tail=tail(log_path),

@@ -2,11 +2,14 @@
 
 What it measures, per tool and URL count N, over R runs each (ABAB: tools alternate run by run):
 - wall seconds of the whole tool process (a subprocess, interpreter start-up included);
+- start-up seconds: from just before the command starts to the first request on the wire (the loopback server
+  records when its first request since a reset came, `/_first-hit`);
 - images/s = successful images / wall;
 - CPU seconds of the process tree: user+sys from getrusage(RUSAGE_CHILDREN) deltas (reaped descendants), and a
   psutil 0.1 s sample of the live tree as a cross-check;
 - peak RSS of the process tree: max over 0.1 s psutil samples of the summed RSS;
-- successes: `.jpg` members counted in the output tars (and the tool's own stats files, for comparison).
+- successes: training-copy `.jpg` members counted in the output tars (capfactory's `KEY.analysis.jpg` copies for
+  the experts are not counted), and the tool's own stats files, for comparison.
 
 How: one `python -m infra.loopback_server` process serves the COCO photos in shared/data/photos/images under N
 distinct paths `/img/{i}/{name}`; the URL list (columns url, caption: the first COCO caption of each photo) is a
@@ -15,7 +18,7 @@ output, jpg encoding, 2 processes, 1000 samples per shard; everything else at th
 img2dataset's thread_count (see `--i2d-threads`). Every tool run is killed after `--timeout` seconds; the server is
 always stopped. Results: a table on stdout and every run's raw numbers in JSON (default bench/results/ingest.json).
 
-Run:  .venv/bin/python bench/ingest.py [--sizes 2000,10000] [--runs 3] [--tools capfactory,img2dataset]
+Run:  .venv/bin/python bench/ingest.py [--sizes 2000,10000] [--runs 3] [--tools capfactory,capfactory-api,img2dataset]
       (any python works: the script re-executes itself under .venv/bin/python, which has pyarrow and psutil)
 
 img2dataset lives in its own venv, created by this script when missing with exactly:
@@ -26,6 +29,7 @@ img2dataset lives in its own venv, created by this script when missing with exac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -35,6 +39,8 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +54,9 @@ if not PHOTOS.is_dir():
     PHOTOS = Path("/work/shared/data/photos")
 
 IMAGE_SIZE, RESIZE_MODE, ENCODE, PROCESSES, SHARD_SIZE = 256, "keep_ratio", "jpg", 2, 1000
-TOOLS = ("capfactory", "img2dataset")
+# capfactory-api: capfactory with a Prefect API already running (PREFECT_API_URL set, as after `prefect server
+# start`), so the run starts no temporary server; plain capfactory runs on embedded defaults.
+TOOLS = ("capfactory", "capfactory-api", "img2dataset")
 
 # Keep every tool off the internet: no proxies, no telemetry or update checks; loopback only.
 OFFLINE_ENV = {
@@ -164,12 +172,15 @@ def img2dataset_cmd(urls: Path, out: Path, args: argparse.Namespace) -> list[str
     return [str(IMG2DATASET), *as_argv(flags)]
 
 
-COMMANDS = {"capfactory": (CAPFACTORY, capfactory_cmd), "img2dataset": (IMG2DATASET, img2dataset_cmd)}
+COMMANDS = {"capfactory": (CAPFACTORY, capfactory_cmd), "capfactory-api": (CAPFACTORY, capfactory_cmd),
+            "img2dataset": (IMG2DATASET, img2dataset_cmd)}
 
 
-def tool_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
+def tool_env(tool: str, api_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS and k != "PREFECT_API_URL"}
     env.update(OFFLINE_ENV)
+    if tool == "capfactory-api":
+        env["PREFECT_API_URL"] = api_url
     return env
 
 
@@ -179,7 +190,8 @@ def count_successes(out: Path) -> tuple[int, int | None]:
     for tar_path in sorted(out.rglob("*.tar")):
         try:
             with tarfile.open(tar_path) as tf:
-                jpgs += sum(1 for m in tf if m.isfile() and m.name.endswith(".jpg"))
+                jpgs += sum(1 for m in tf if m.isfile() and m.name.endswith(".jpg")
+                            and not m.name.endswith(".analysis.jpg"))
         except (tarfile.TarError, OSError):
             pass  # a truncated shard (killed run) counts what could not be read as failures
     stats, seen = 0, False
@@ -194,7 +206,43 @@ def count_successes(out: Path) -> tuple[int, int | None]:
     return jpgs, (stats if seen else None)
 
 
-def run_tool(tool: str, n: int, urls: Path, work: Path, run_idx: int, args: argparse.Namespace) -> dict:
+FULL_SERIES_FROM = 50_000  # runs of this many URLs keep their per-process RSS curve in the JSON
+
+
+def rss_by_quarter(series: list) -> dict[str, list[float]]:
+    """{"pid role": [peak RSS MB in each quarter of the run]}: memory that stays flat shows four similar numbers;
+    memory that grows with the list shows a rising row."""
+    if not series:
+        return {}
+    end = series[-1][0] or 1.0
+    out: dict[str, list[float]] = {}
+    for t, by_process in series:
+        quarter = min(3, int(4 * t / end))
+        for name, mb in by_process.items():
+            row = out.setdefault(name, [0.0] * 4)
+            row[quarter] = max(row[quarter], mb)
+    return out
+
+
+def print_memory(records: list[dict]) -> None:
+    """The per-process RSS quarters of the largest run of each tool."""
+    largest = max(r["n"] for r in records)
+    print(f"\nN={largest}: peak RSS MB per process in each quarter of the run (first run of each tool)")
+    for tool in dict.fromkeys(r["tool"] for r in records):
+        run = next((r for r in records if r["tool"] == tool and r["n"] == largest), None)
+        for name, row in (run or {}).get("rss_by_quarter_mb", {}).items():
+            if max(row) >= 50:  # leave out the small helpers (resource tracker)
+                print(f"  {tool:<15} {name:<28} " + " ".join(f"{mb:7.0f}" for mb in row))
+
+
+def server_call(base_url: str, path: str, method: str = "GET") -> dict:
+    request = urllib.request.Request(base_url + path, method=method)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def run_tool(tool: str, n: int, urls: Path, work: Path, run_idx: int, args: argparse.Namespace,
+             base_url: str, api_url: str | None) -> dict:
     """One measured run of `tool`; a missing or failing tool is recorded, never raised."""
     record = {"tool": tool, "n": n, "run": run_idx, "started_at": time.time()}
     exe, build = COMMANDS[tool]
@@ -203,13 +251,22 @@ def run_tool(tool: str, n: int, urls: Path, work: Path, run_idx: int, args: argp
     out = work / f"{tool}-{n}-{run_idx}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    server_call(base_url, "/_reset", "POST")
+    started = time.time()
     res: RunResult = run_measured(
-        build(urls, out, args), env=tool_env(), cwd=ROOT, timeout_s=args.timeout, log_path=work / f"{out.name}.log"
+        build(urls, out, args), env=tool_env(tool, api_url), cwd=ROOT, timeout_s=args.timeout,
+        log_path=work / f"{out.name}.log",
     )
+    first_hit = server_call(base_url, "/_first-hit")["first_hit"]
     jpgs, tool_stats = count_successes(out)
     shutil.rmtree(out, ignore_errors=True)  # 10k thumbnails per run add up
     record.update(res.to_dict())
-    record.update(successes=jpgs, tool_stats_successes=tool_stats, images_per_s=jpgs / res.wall_s)
+    series = record.pop("rss_series") or []
+    record["rss_by_quarter_mb"] = rss_by_quarter(series)
+    if n >= FULL_SERIES_FROM:  # the long runs keep the whole curve
+        record["rss_series"] = series
+    record.update(successes=jpgs, tool_stats_successes=tool_stats, images_per_s=jpgs / res.wall_s,
+                  startup_s=first_hit - started if first_hit else None)
     if res.timed_out or res.returncode != 0:
         record["error"] = "timed out" if res.timed_out else f"exit code {res.returncode}"
     if record.get("error") or jpgs < n:  # keep the log only where it says something
@@ -241,7 +298,8 @@ def summarize(records: list[dict], sizes: list[int], tools: list[str]) -> list[d
                     "failed_runs": sum(1 for r in runs if r.get("error")),
                     **{
                         f"median_{k}": median_of(measured, k)
-                        for k in ("wall_s", "images_per_s", "cpu_s", "cpu_tree_sampled_s", "peak_rss_mb")
+                        for k in ("wall_s", "startup_s", "images_per_s", "cpu_s", "cpu_tree_sampled_s",
+                                  "peak_rss_mb")
                     },
                     "successes": [r["successes"] for r in runs],
                 }
@@ -250,12 +308,13 @@ def summarize(records: list[dict], sizes: list[int], tools: list[str]) -> list[d
 
 
 def ratios(rows: list[dict], sizes: list[int]) -> dict[str, float | None]:
-    """capfactory / img2dataset median images/s, per N."""
+    """capfactory / img2dataset median images/s, per capfactory variant and N."""
     out = {}
     for n in sizes:
         ips = {r["tool"]: r["median_images_per_s"] for r in rows if r["n"] == n}
-        cf, i2d = ips.get("capfactory"), ips.get("img2dataset")
-        out[str(n)] = cf / i2d if cf and i2d else None
+        for tool in ("capfactory", "capfactory-api"):
+            cf, i2d = ips.get(tool), ips.get("img2dataset")
+            out[f"{tool}@{n}"] = cf / i2d if cf and i2d else None
     return out
 
 
@@ -264,20 +323,24 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def print_table(rows: list[dict], ratio: dict[str, float | None]) -> None:
-    header = f"{'N':>6}  {'tool':<12} {'wall s':>8} {'img/s':>8} {'CPU s':>8} {'CPU s*':>8} {'RSS MB':>8}  successes"
+    header = (f"{'N':>6}  {'tool':<15} {'wall s':>8} {'start s':>8} {'img/s':>8} {'CPU s':>8} {'CPU s*':>8} "
+              f"{'RSS MB':>8}  successes")
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         fails = f" ({r['failed_runs']} failed)" if r["failed_runs"] else ""
         print(
-            f"{r['n']:>6}  {r['tool']:<12} {fmt(r['median_wall_s'], '8.1f')} {fmt(r['median_images_per_s'], '8.0f')}"
+            f"{r['n']:>6}  {r['tool']:<15} {fmt(r['median_wall_s'], '8.1f')} {fmt(r['median_startup_s'], '8.1f')}"
+            f" {fmt(r['median_images_per_s'], '8.0f')}"
             f" {fmt(r['median_cpu_s'], '8.1f')} {fmt(r['median_cpu_tree_sampled_s'], '8.1f')}"
             f" {fmt(r['median_peak_rss_mb'], '8.0f')}  {','.join(map(str, r['successes']))}{fails}"
         )
     print(
-        "medians over runs; CPU s = rusage of reaped children, CPU s* = psutil tree samples; RSS = peak summed tree RSS"
+        "medians over runs; start s = command to first request; CPU s = rusage of reaped children, CPU s* = psutil "
+        "tree samples; RSS = peak summed tree RSS"
     )
-    for n, x in ratio.items():
-        print(f"N={n}: capfactory/img2dataset images/s = {fmt(x, '.2f')}")
+    for key, x in ratio.items():
+        tool, n = key.split("@")
+        print(f"N={n}: {tool}/img2dataset images/s = {fmt(x, '.2f')}")
 
 
 def tool_versions() -> dict:
@@ -307,6 +370,24 @@ def tool_versions() -> dict:
     }
 
 
+@contextlib.contextmanager
+def running_prefect_api(wanted: bool) -> Iterator[str | None]:
+    """A Prefect API server for the capfactory-api runs, up before they start (as a user's `prefect server start`
+    would be); stopped at the end."""
+    if not wanted:
+        yield None
+        return
+    sys.path.insert(0, str(ROOT))
+    from infra.prefect_server import start_temporary_server, stop_server, wait_until_healthy
+
+    proc, api_url = start_temporary_server()
+    try:
+        wait_until_healthy(proc, api_url)
+        yield api_url
+    finally:
+        stop_server(proc)
+
+
 # ---- main ---------------------------------------------------------------------------------------------------------
 
 
@@ -314,7 +395,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="2000,10000", help="comma-separated URL counts (default 2000,10000)")
     p.add_argument("--runs", type=int, default=3, help="runs per tool and size (default 3)")
-    p.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of capfactory,img2dataset")
+    p.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
     p.add_argument("--timeout", type=float, default=600, help="seconds before a tool run is killed (default 600)")
     p.add_argument(
@@ -340,23 +421,26 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="capfactory-bench-") as tmp:
         work = Path(tmp)
-        with LoopbackServer(VENV_PY, images, cwd=ROOT, log_path=work / "server.log") as base_url:
+        with LoopbackServer(VENV_PY, images, cwd=ROOT, log_path=work / "server.log") as base_url, \
+                running_prefect_api("capfactory-api" in args.tools) as api_url:
             print(f"loopback server at {base_url}; {len(names)} photos", flush=True)
             for n in args.sizes:
                 urls = work / f"urls-{n}.parquet"
                 write_url_list(urls, base_url, n, names, captions)
                 for run_idx in range(args.runs):
                     for tool in args.tools:  # ABAB: same order every round
-                        rec = run_tool(tool, n, urls, work, run_idx, args)
+                        rec = run_tool(tool, n, urls, work, run_idx, args, base_url, api_url)
                         records.append(rec)
                         print(
-                            f"N={n} run {run_idx} {tool}: wall {fmt(rec.get('wall_s'), '.1f')} s, "
+                            f"N={n} run {run_idx} {tool}: wall {fmt(rec.get('wall_s'), '.1f')} s, start-up "
+                            f"{fmt(rec.get('startup_s'), '.1f')} s, "
                             f"{rec['successes']} ok{', ' + rec['error'] if rec.get('error') else ''}",
                             flush=True,
                         )
     rows = summarize(records, args.sizes, args.tools)
     ratio = ratios(rows, args.sizes)
     print_table(rows, ratio)
+    print_memory(records)
     result = {
         "benchmark": "ingest",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -377,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "versions": tool_versions(),
         "summary": rows,
-        "ratio_capfactory_over_img2dataset_images_per_s": ratio,
+        "ratio_over_img2dataset_images_per_s": ratio,
         "runs": records,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -179,11 +179,21 @@ def _emit(result: dict, json_out: Path | None) -> None:
         json_out.write_text(json.dumps(result, indent=1, default=str))
 
 
+def _start_prefect_server() -> None:
+    """A run on embedded defaults needs a temporary Prefect server, the slowest thing it starts: start it now, so
+    it boots while the command plans the run and starts the Dask cluster. A command that fails its checks stops
+    it again at exit (seconds of CPU, nothing else)."""
+    from infra.prefect_server import start_early
+
+    start_early()
+
+
 def _run(name: str, spec: Path | None, dataset: str | None, store: str | None, overrides: dict[str, Any], *,
          models_dir: str | None = None, dask_address: str | None, workers: int | None, json_out: Path | None,
          inputs: list[str] | None = None, input_options: dict | None = None, **options: Any) -> dict:
     """One stage command: the spec with the options over it, the stage run, its summary printed."""
     _console()
+    _start_prefect_server()
     from flows.preflight import preflight
 
     ds, from_spec = resolve_spec(spec, dataset, inputs or [], input_options or {}, {"store": store, **overrides})
@@ -464,6 +474,7 @@ def build(
     """Run every stage the spec names, in order (ingest, extract, fuse, translate, score, validate, publish,
     report), each skipping its finished shards: the same command builds, resumes and refreshes a dataset."""
     _console()
+    _start_prefect_server()
     from flows.preflight import preflight, selected_stages
 
     ds, _ = resolve_spec(spec, None, [], {}, {"store": store})
@@ -569,6 +580,7 @@ def demo(
     attributes when a detector is found), fusion (Qwen2.5-1.5B when installed: `capfactory models install
     qwen2.5-1.5b`), translation to Portuguese, scores, Great Expectations, publish and the HTML report."""
     _console()
+    _start_prefect_server()
     from flows.demo import run_demo
     from infra.runtime import stop_on_sigterm
 

@@ -16,6 +16,8 @@ prints the base URL as stdout line 1 and serves until SIGINT/SIGTERM.
 
 Routes: `/img/{i}/{name}` and `/private/{i}/{name}` serve image `i % len(images)`; `/robots.txt`; and the fault
 endpoints under `/fault/` (see `_FAULT_ROUTES` below). Everything else is 404. Every request is counted in `hits`.
+For benchmarks measuring start-up (command to first request on the wire): `GET /_first-hit` answers the wall time
+(epoch seconds, or null) of the first request since the last `POST /_reset`; these two are not counted.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import signal
 import struct
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -130,6 +133,7 @@ class ImageServer:
         self.delay = delay  # seconds each /img and /private response waits (slow crawls for resume tests)
         self.base_url = ""
         self.hits: collections.Counter[str] = collections.Counter()
+        self.first_hit: float | None = None  # time.time() of the first counted request since the last reset
         self._flaky_counts: collections.Counter[str] = collections.Counter()
         self._bomb: bytes | None = None
         self._bomb_lock = threading.Lock()
@@ -178,6 +182,8 @@ class ImageServer:
         app.router.add_get("/img/{i:\\d+}/{name}", self._image)
         app.router.add_get("/private/{i:\\d+}/{name}", self._image)
         app.router.add_get("/robots.txt", self._robots)
+        app.router.add_get("/_first-hit", self._first_hit)
+        app.router.add_post("/_reset", self._reset)
         for path, handler in self._fault_routes().items():
             app.router.add_get(path, handler)
         # handler_cancellation: a client disconnect cancels its handler (slow-body/huge streams stop at once).
@@ -225,14 +231,25 @@ class ImageServer:
 
     def reset_hits(self) -> None:
         self.hits.clear()
+        self.first_hit = None
 
     # ---- handlers ----------------------------------------------------------------------------------------------
 
     @web.middleware
     async def _count_hits(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         # Runs for unmatched paths too (aiohttp routes them to a 404 handler), so every request is counted.
-        self.hits[request.path] += 1
+        if request.path not in ("/_first-hit", "/_reset"):
+            self.hits[request.path] += 1
+            if self.first_hit is None:
+                self.first_hit = time.time()
         return await handler(request)
+
+    async def _first_hit(self, request: web.Request) -> web.Response:
+        return web.json_response({"first_hit": self.first_hit})
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        self.reset_hits()
+        return web.json_response({"ok": True})
 
     async def _image(self, request: web.Request) -> web.Response:
         # Hot path: one int parse and two list lookups; Content-Length comes from the bytes body.

@@ -6,10 +6,10 @@ temporary server (the same uvicorn command Prefect's ephemeral mode runs), expor
 workers are spawned, and lets the server boot while the LocalCluster starts and its workers import the task
 code, so the fixed start-up cost is paid once and in parallel.
 
-Nothing it starts outlives the CLI: SIGTERM unwinds the runtime (`stop_on_sigterm`); after a SIGKILL the kernel
-stops the server (parent-death signal) and Dask's workers exit when their nanny's pipe closes. Each temporary server
-has its own SQLite database in a temporary folder, removed when it stops (not the shared $PREFECT_HOME/prefect.db,
-which concurrent runs lock and fill up); it starts as a copy of an already migrated one, which saves 5-10 s.
+The server is the slowest part: a CLI command starts it first thing (infra/prefect_server.py `start_early`) and
+the runtime takes it over. Nothing it starts outlives the CLI: SIGTERM unwinds the runtime (`stop_on_sigterm`);
+after a SIGKILL the kernel stops the server (parent-death signal) and Dask's workers exit when their nanny's pipe
+closes.
 """
 
 from __future__ import annotations
@@ -17,46 +17,17 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import shutil
 import signal
-import sqlite3
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 from collections.abc import Iterator
-from contextlib import ExitStack, closing, contextmanager
-from pathlib import Path
+from contextlib import ExitStack, contextmanager
 
-import httpx
 from prefect_dask import DaskTaskRunner
 
 from infra.cluster import local_workers, start_local_cluster
-from infra.net import free_port
+from infra.prefect_server import save_template, start_temporary_server, stop_server, take_early, wait_until_healthy
 
 log = logging.getLogger("capfactory")
-
-SERVER_START_TIMEOUT = 120.0
-
-# Runs in the server's process before uvicorn (argv: parent pid, database folder, uvicorn's arguments). On Linux
-# the kernel sends it SIGTERM when the thread that started it dies, SIGKILL included; if that already happened
-# before the signal was armed, it does not start at all. It removes its database folder when it stops: uvicorn
-# re-raises the SIGTERM it handled after shutting down, and the handler set here turns that into SystemExit.
-_SERVER_CHILD = """
-import ctypes, os, runpy, shutil, signal, sys
-parent, home = int(sys.argv[1]), sys.argv[2]
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-if sys.platform == "linux":
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-try:
-    if os.getppid() == parent:
-        sys.argv = ["uvicorn", *sys.argv[3:]]
-        runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
-finally:
-    shutil.rmtree(home, ignore_errors=True)
-"""
-
 
 def _warm_worker(modules: tuple[str, ...]) -> None:
     # Import what a worker's first task needs, before the first task arrives.
@@ -98,78 +69,6 @@ def _start_cluster(n_workers: int | None, gpu: bool, warm: tuple[str, ...], out:
         out["error"] = e
 
 
-def start_temporary_server() -> tuple[subprocess.Popen, str]:
-    """Start a local Prefect API server (SQLite in its own temporary folder, no UI) on a free loopback port that
-    stops with this process; returns (process, API URL). `_stop` stops it."""
-    import prefect
-
-    port = free_port()
-    home = tempfile.mkdtemp(prefix="capfactory-prefect-server-")
-    if _template_db().is_file():
-        shutil.copyfile(_template_db(), f"{home}/prefect.db")
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db"}
-    env.pop("PREFECT_API_URL", None)
-    env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)  # the older name of the same setting
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SERVER_CHILD, str(os.getpid()), home, "--app-dir",
-         str(Path(prefect.__file__).parent.parent), "--factory", "prefect.server.api.server:create_app", "--host",
-         "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-        env=env,
-    )
-    proc.home = home  # for _stop
-    return proc, f"http://127.0.0.1:{port}/api"
-
-
-def _template_db() -> Path:
-    # The database each server starts from (per Prefect version: its migrations differ).
-    import prefect
-    from prefect.settings import PREFECT_HOME
-
-    return Path(PREFECT_HOME.value()) / f"capfactory-server-{prefect.__version__}.db"
-
-
-def _save_template(server: subprocess.Popen) -> None:
-    """Keep a copy of a healthy (so migrated) server's database as the template, if there is none yet."""
-    template = _template_db()
-    if template.exists():
-        return
-    tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
-    template.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        # SQLite's online backup: a consistent copy while the server writes.
-        with closing(sqlite3.connect(f"{server.home}/prefect.db")) as db, closing(sqlite3.connect(tmp)) as copy:
-            db.backup(copy)
-        os.replace(tmp, template)
-    except sqlite3.Error:  # busy: a later run saves it
-        tmp.unlink(missing_ok=True)
-
-
-def wait_until_healthy(proc: subprocess.Popen, api_url: str, timeout: float = SERVER_START_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=2) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the temporary Prefect server exited with code {proc.returncode}")
-            try:
-                if client.get(f"{api_url}/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-    raise RuntimeError(f"the temporary Prefect server did not answer on {api_url} within {timeout:.0f} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    shutil.rmtree(proc.home, ignore_errors=True)  # the server removes it itself, unless it had to be killed
-
-
 def stop_on_sigterm() -> None:
     """Make SIGTERM raise SystemExit in the main thread (call it there), so `with flow_runtime(...)` unwinds and
     stops the server and the cluster; by default SIGTERM ends the process at once and they are left running. A
@@ -204,10 +103,12 @@ def flow_runtime(dask_address: str | None = None, n_workers: int | None = None, 
     log.log(logging.DEBUG if dask_address and PREFECT_API_URL.value() else logging.INFO, "%s",
             _starting_line(dask_address, n_workers, PREFECT_API_URL.value()))
     with ExitStack() as stack:
-        server = None
-        if not PREFECT_API_URL.value():
-            server, api_url = start_temporary_server()
-            stack.callback(_stop, server)
+        server, early = None, take_early()
+        if PREFECT_API_URL.value() and early:  # an API configured in a Prefect profile: not needed after all
+            stop_server(early[0])
+        elif not PREFECT_API_URL.value():
+            server, api_url = early or start_temporary_server()
+            stack.callback(stop_server, server)
             # Dask worker processes started from here inherit the environment and report to this server.
             os.environ["PREFECT_API_URL"] = api_url
             stack.callback(os.environ.pop, "PREFECT_API_URL", None)
@@ -218,8 +119,8 @@ def flow_runtime(dask_address: str | None = None, n_workers: int | None = None, 
             thread.start()
         if server is not None:
             wait_until_healthy(server, api_url)
-            _save_template(server)
-            stack.callback(APILogWorker.drain_all, timeout=5)  # runs before _stop: ship the last logs
+            save_template(server)
+            stack.callback(APILogWorker.drain_all, timeout=5)  # runs before stop_server: ship the last logs
             stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
         if thread is not None:
             thread.join()

@@ -49,7 +49,7 @@ def prefect_api():
     """One Prefect API for this process and the Dask worker processes (they report their task runs to it)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from infra.runtime import start_temporary_server, wait_until_healthy
+    from infra.prefect_server import start_temporary_server, wait_until_healthy
 
     server, api_url = start_temporary_server()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import socket
 import subprocess
 import sys
@@ -74,6 +75,21 @@ def test_hits_counted_including_404(server: ImageServer) -> None:
     assert server.hits["/nope"] == 1
     server.reset_hits()
     assert not server.hits
+
+
+def test_first_hit_time_for_start_up_benchmarks(server: ImageServer) -> None:
+    """`/_first-hit` answers when the first request since `/_reset` came; the two admin paths are not counted."""
+    reset = urllib.request.Request(server.url("/_reset"), method="POST")
+    assert urllib.request.urlopen(reset, timeout=5).status == 200
+    assert json.loads(_get(server.url("/_first-hit"))[2]) == {"first_hit": None}
+    before = time.time()
+    _get(server.url("/img/3/a.jpg"))
+    _get(server.url("/img/4/a.jpg"))
+    first = json.loads(_get(server.url("/_first-hit"))[2])["first_hit"]
+    assert before <= first <= time.time()
+    assert "/_first-hit" not in server.hits and "/_reset" not in server.hits
+    urllib.request.urlopen(reset, timeout=5)
+    assert server.first_hit is None and not server.hits
 
 
 def test_keepalive_and_flaky_retry(server: ImageServer, photo_paths: list[Path]) -> None:

@@ -109,3 +109,60 @@ def test_killed_runtime_leaves_nothing_running(tmp_path: Path, sig: signal.Signa
         proc.wait()
         for pid in filter(_alive, started):  # what a failed check left behind
             os.kill(pid, signal.SIGKILL)
+
+
+EARLY_THEN_FAIL = """
+import sys
+from infra import prefect_server
+
+prefect_server.start_early()
+proc, url = prefect_server._early[0]
+prefect_server.wait_until_healthy(proc, url)
+print(proc.pid, proc.home, url, flush=True)
+sys.exit(2)  # as a command whose checks failed after it started the server
+"""
+
+EARLY_THEN_RUNTIME = """
+import os
+from infra import prefect_server
+from infra.runtime import flow_runtime
+
+prefect_server.start_early()
+early_pid, early_url = prefect_server._early[0][0].pid, prefect_server._early[0][1]
+with flow_runtime(n_workers=1):
+    print(early_pid, early_url, os.environ["PREFECT_API_URL"], flush=True)
+    input()
+"""
+
+
+def _servers(pids: set[int]) -> list[int]:
+    return [pid for pid in pids if b"PR_SET_PDEATHSIG" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_a_server_started_early_and_never_used_is_stopped_at_exit(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "-c", EARLY_THEN_FAIL], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=GONE_WITHIN * 3)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    pid, home, url = proc.stdout.split()
+    assert not _alive(int(pid)) and not Path(home).exists()
+    assert not _port_open("127.0.0.1", urlsplit(url).port)
+
+
+def test_the_runtime_takes_over_the_server_started_early(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-c", EARLY_THEN_RUNTIME], cwd=tmp_path, env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        early_pid, early_url, api_url = proc.stdout.readline().split()
+        assert api_url == early_url  # the flows and the workers use it: no second server
+        assert _servers(_descendants(proc.pid)) == [int(early_pid)]
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=GONE_WITHIN * 3) == 0
+        assert not _alive(int(early_pid))
+    finally:
+        proc.kill()
+        proc.wait()
