@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 import warnings
 from dataclasses import dataclass
 from functools import cache
@@ -190,14 +191,33 @@ def _crop_or_pad(img: Image.Image, cfg: ImageConfig) -> Image.Image:
     return img
 
 
-def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
+class Laps:
+    """Thread CPU seconds per step of `process_image` (bench/image_path.py's split)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.thread_time()
+
+    def __call__(self, step: str) -> None:
+        now = time.thread_time()
+        self.seconds[step] = self.seconds.get(step, 0.0) + now - self._t
+        self._t = now
+
+
+def _no_lap(step: str) -> None:
+    pass
+
+
+def process_image(data: bytes, cfg: ImageConfig, *, laps: Laps | None = None) -> ProcessedImage:
     """Validate, decode, transpose, resize and re-encode one image (the training copy), and make its analysis copy.
-    Raises ImageError with a class."""
+    Raises ImageError with a class. `laps` collects the CPU time per step."""
+    lap = laps or _no_lap
     kind = sniff(data)
     if kind in (None, "html", "text", "svg"):
         what = {"html": "an HTML page", "text": "text", "svg": "SVG markup"}.get(kind, "not a known image format")
         raise ImageError("not_image", f"body is {what}, not an image")
     sha = hashlib.sha256(data).hexdigest()
+    lap("hash")
     try:
         img = Image.open(io.BytesIO(data))
         ow, oh = img.size
@@ -216,6 +236,8 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
         resized_analysis = cfg.analysis_size is not None and not keeps_original(kind, ow, oh, cfg)
         if img.format == "JPEG":
             # Decode at the smallest DCT scale that still covers the outputs (and the 32px phash thumbnail).
+            # libjpeg-turbo's other M/8 scales (3/8, 5/8 ...; simplejpeg) were slower to decode than the full image
+            # here and 3-6 dB further from a Lanczos reference: bench/image_path.py --candidates.
             # ow, oh are still the stored (pre-rotation) sizes, the orientation draft() works in: no swap here.
             tw, th = target_size(ow, oh, cfg)
             aw, ah = analysis_target(ow, oh, cfg) if resized_analysis else (0, 0)
@@ -229,6 +251,7 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
         raise ImageError("decode_error", f"cannot decode {kind}: {e}") from None
     except MemoryError:
         raise ImageError("decode_error", f"out of memory decoding {kind} {ow}x{oh}") from None
+    lap("decode")
     decoded = img
     if orientation != 1:
         img = ImageOps.exif_transpose(img)
@@ -236,14 +259,19 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
     # Sizes as the viewer sees them: after EXIF rotation.
     if orientation in _ORIENTATION_SWAPS:
         ow, oh = oh, ow
+    lap("transpose")
     scaled = _scale(img, cfg, (ow, oh))
+    lap("resize")
     hash_value = phash(scaled)  # before crop/pad, so it does not depend on the resize mode
+    lap("hash")
     out = _crop_or_pad(scaled, cfg)
+    lap("resize")
     ext = _ENCODE[cfg.encode_format][1]
     # img2dataset's skip_reencode: nothing was done to the pixels (no rotation, conversion, resize, crop or pad, nor
     # a reduced-scale JPEG decode) and the format is already the output's.
     untouched = out is decoded and out.size == (ow, oh) and _AS_IS.get(kind) == ext
     training = data if cfg.skip_reencode and untouched else _encode(out, cfg)
+    lap("encode")
     analysis = analysis_ext = analysis_kind = None
     if resized_analysis:
         target = analysis_target(ow, oh, cfg)
@@ -253,6 +281,7 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
         analysis, analysis_ext, analysis_kind = data, _AS_IS[kind], "original"
     if analysis == training:  # stored once: the readers take the training copy for it
         analysis, analysis_ext, analysis_kind = None, None, "training"
+    lap("analysis")
     return ProcessedImage(
         data=training, ext=ext, width=out.width, height=out.height, original_width=ow, original_height=oh,
         sha256=sha, phash=phash_hex(hash_value), source_format=kind, original_bytes=len(data),

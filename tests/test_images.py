@@ -228,6 +228,19 @@ def test_grayscale_jpeg() -> None:
     assert close(decode(out.data).getpixel((10, 10)), (128, 128, 128), tol=3)
 
 
+def test_progressive_jpeg_matches_baseline(photos: list[Path]) -> None:
+    # A progressive photo takes the same draft decode as a baseline one: same sizes, near-identical pixels.
+    photo = decode(photos[0].read_bytes()).convert("RGB")
+    baseline = encode(photo, "JPEG", quality=95)
+    progressive = encode(photo, "JPEG", quality=95, progressive=True)
+    assert b"\xff\xc2" in progressive and b"\xff\xc2" not in baseline  # SOF2: progressive DCT
+    for size in (100, 256):  # drafted at 1/4, and decoded in full
+        a, b = run(baseline, image_size=size), run(progressive, image_size=size)
+        assert (a.width, a.height) == (b.width, b.height)
+        diff = np.abs(np.asarray(decode(a.data), dtype=int) - np.asarray(decode(b.data), dtype=int))
+        assert diff.mean() < 1.0
+
+
 def test_cmyk_jpeg() -> None:
     data = encode(Image.new("CMYK", (300, 200), (0, 255, 255, 0)), "JPEG")
     assert decode(data).mode == "CMYK"

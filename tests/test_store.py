@@ -194,8 +194,31 @@ def test_local_writes_leave_no_temp_files(tmp_path: Path) -> None:
     store.put_json("ds/b.json", [1])
     store.put_parquet("ds/c.parquet", pa.table({"x": [1]}))
     store.put_file("ds/sub/d.tar", src)
-    assert src.exists()
+    assert not src.exists()  # same filesystem: moved, not copied
     assert _all_files(store.root) == ["ds/a", "ds/b.json", "ds/c.parquet", "ds/sub/d.tar"]
+    assert store.get_bytes("ds/sub/d.tar") == b"x" * 1000
+    assert (store.root / "ds/sub/d.tar").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm")
+def test_local_put_file_from_another_filesystem_is_copied(tmp_path: Path) -> None:
+    if os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("/dev/shm is on the same filesystem as the store here")
+    store = LocalStore(tmp_path / "s")
+    src = Path("/dev/shm") / f"capfactory-test-{uuid.uuid4().hex}.tar"
+    src.write_bytes(b"y" * 5000)
+    try:
+        store.put_file("ds/raw/shard-00000.tar", src)
+        assert store.get_bytes("ds/raw/shard-00000.tar") == b"y" * 5000
+        assert _all_files(store.root) == ["ds/raw/shard-00000.tar"]
+    finally:
+        src.unlink(missing_ok=True)
 
 
 def test_local_failed_write_keeps_old_content(tmp_path: Path) -> None:
