@@ -7,7 +7,12 @@
 Data: the COCO photos of ../shared/data/photos, ingested first (at 640 px, keep_ratio_largest) from a loopback
 server. Prints a table and writes JSON (default bench/results/experts.json).
 
+With `--ocr-gates 0,640` it instead compares the whole stage (`ExtractStage.run_shard`, default experts, one process)
+under each `ocr.gate_side` (0 = no text gate), the settings' passes alternating (A B A B, `--rounds`), reporting
+images/s (wall), CPU s/image (this process) and the images with text; default out bench/results/ocr_gate_extract.json.
+
 Run:  .venv/bin/python bench/experts.py [--images 120] [--shard-size 30] [--out bench/results/experts.json]
+      .venv/bin/python bench/experts.py --ocr-gates 0,640 [--images 76] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +36,15 @@ SHARED = ROOT.parent / "shared"
 
 from infra.loopback_server import ImageServer  # noqa: E402
 from infra.models import load_backend  # noqa: E402
-from infra.settings import DatasetSpec, DownloadConfig, ExtractConfig, ImageConfig, IngestConfig, InputSpec  # noqa: E402
+from infra.settings import (  # noqa: E402
+    DatasetSpec,
+    DownloadConfig,
+    ExtractConfig,
+    ImageConfig,
+    IngestConfig,
+    InputSpec,
+    OCRConfig,
+)
 from infra.store import LocalStore  # noqa: E402
 from tasks.extract import ExtractStage, plan_experts  # noqa: E402
 from tasks.ingest import ingest_shard, plan_ingest  # noqa: E402
@@ -75,13 +89,50 @@ def direct_per_expert(images: list[Image.Image], cfg: ExtractConfig, models: str
     return rows
 
 
+def compare_ocr_gates(store: LocalStore, shards: list[int], gates: list[int], rounds: int, models: str) -> list[dict]:
+    """The whole stage per gate setting, passes alternating; each pass recomputes (its done markers removed)."""
+    stages = {g: ExtractStage(ExtractConfig(ocr=OCRConfig(gate_side=g)), models) for g in gates}
+    passes: dict[int, list[tuple[float, float, int, int]]] = {g: [] for g in gates}
+    for _ in range(rounds):
+        for g, stage in stages.items():
+            for s in shards:
+                store.delete(f"bench/extract/shard-{s:05d}.stats.json")
+            t0, c0 = time.perf_counter(), time.process_time()
+            stats = [stage.run_shard(store.uri, "bench", s) for s in shards]
+            passes[g].append((time.perf_counter() - t0, time.process_time() - c0,
+                              sum(st["images_run"] for st in stats), sum(st["with_text"] for st in stats)))
+    rows = []
+    for g, runs in passes.items():
+        walls, cpus = sorted(r[0] for r in runs), sorted(r[1] for r in runs)
+        images, with_text = runs[-1][2], runs[-1][3]
+        rows.append({"gate_side": g, "images": images, "with_text": with_text, "pass_wall_s": walls,
+                     "pass_cpu_s": cpus, "images_per_s": images / statistics.median(walls),
+                     "cpu_s_per_image": statistics.median(cpus) / images})
+        print(f"gate_side={g:<5} images {images:4d}  with text {with_text:3d}  images/s {rows[-1]['images_per_s']:6.2f}"
+              f"  cpu s/image {rows[-1]['cpu_s_per_image']:.3f}  (passes wall {walls}, cpu {cpus})")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=120)
     parser.add_argument("--shard-size", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "experts.json")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--ocr-gates", default="", help="comma-separated ocr.gate_side values to compare (see above)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating passes per setting with --ocr-gates")
     args = parser.parse_args(argv)
     models = str(SHARED / "models")
+    if args.ocr_gates:
+        out = args.out or ROOT / "bench" / "results" / "ocr_gate_extract.json"
+        with tempfile.TemporaryDirectory() as tmp:
+            store = LocalStore(Path(tmp) / "store")
+            shards = ingest_photos(store, args.images, args.shard_size)
+            rows = compare_ocr_gates(store, shards, [int(g) for g in args.ocr_gates.split(",")], args.rounds, models)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"benchmark": "experts --ocr-gates", "rounds": args.rounds, "rows": rows}, indent=1))
+        print(f"wrote {out}")
+        return 0
+    args.out = args.out or ROOT / "bench" / "results" / "experts.json"
     cfg = ExtractConfig()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,8 +30,16 @@ Systems:
   default `ExtractConfig`) and its table's `ocr` lines: what `capfactory extract` gives (bench/expert_path.py). Its
   speed columns are the stage's wall time per image (ingest not included).
 
+- `--gates 0,640` (the text gate, `OCRConfig.gate_side`; 0 = off): instead of the systems above, our backend at
+  min_score 0.5 with each gate setting, the settings' timed passes alternating (A B A B, `--repeats` rounds) in one
+  process, on the scene images (word P/R/F1 against the ground truth) and on the COCO photos of `--photos` (no OCR
+  ground truth, and most have no text: P/R/F1 against the first setting's output, i.e. how much of the ungated
+  read survives). Speed: images/s (wall) and CPU s/image, median over the rounds; "gated" = images whose text
+  gate found no text (the full read skipped). Writes bench/results/ocr_gate.json by default.
+
 Run:  .venv/bin/python bench/ocr_eval.py [--data DIR] [--min-scores 0.5,0.0] [--pipeline default,none]
       [--out bench/results/ocr_eval.json]
+      .venv/bin/python bench/ocr_eval.py --gates 0,640 [--photos DIR] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ from infra.settings import ExtractConfig  # noqa: E402
 from tasks.ocr import RapidOCRBackend, ocr_words  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "text_images"
+DEFAULT_PHOTOS = ROOT.parent / "shared" / "data" / "photos" / "images"
+DEFAULT_OUT = ROOT / "bench" / "results" / "ocr_eval.json"
 CJK = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
 
 Reader = Callable[[Image.Image], list[str]]  # image -> its text lines
@@ -172,6 +182,67 @@ def score_crops(read: Reader, crops: list[dict], data: Path) -> dict:
     return {"crops": len(crops), "correct": correct, "accuracy": correct / len(crops), "per_crop": per_crop}
 
 
+def word_scores(truth: list[list[str]], pred: list[list[str]]) -> dict:
+    """Micro word P/R/F1 over images (multiset match per image)."""
+    tp = sum(sum((Counter(t) & Counter(p)).values()) for t, p in zip(truth, pred, strict=True))
+    n_t, n_p = sum(map(len, truth)), sum(map(len, pred))
+    prec, rec = (tp / n_p if n_p else 1.0), (tp / n_t if n_t else 1.0)
+    return {"precision": prec, "recall": rec, "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+            "matched": tp, "truth_words": n_t, "pred_words": n_p}
+
+
+def compare_gates(gates: list[int], scenes: list[dict], data: Path, photos: Path, repeats: int) -> list[dict]:
+    """Our backend with each gate setting, passes alternating between the settings (wall-clock noise shared)."""
+    sets = {"icdar_scenes": [open_rgb(data / r["file"]) for r in scenes],
+            "coco_photos": [open_rgb(f) for f in sorted(photos.glob("*.jpg"))]}
+    backends = {g: RapidOCRBackend(min_score=0.5, lang="en", model_dir=None, gate_side=g) for g in gates}
+    for b in backends.values():
+        b.read(sets["icdar_scenes"][:1])  # warm-up, not timed
+    timing = {(g, name): ([], []) for g in gates for name in sets}
+    words: dict[tuple[int, str], list[list[str]]] = {}
+    gated: dict[tuple[int, str], int] = {}
+    for _ in range(repeats):
+        for name, images in sets.items():
+            for g, b in backends.items():
+                b.counts.clear()
+                t0, c0 = time.perf_counter(), time.process_time()
+                out = b.read(images)
+                timing[g, name][0].append(time.perf_counter() - t0)
+                timing[g, name][1].append(time.process_time() - c0)
+                words[g, name] = [ocr_words(r.full_text) for r in out]
+                gated[g, name] = b.counts["gated"]
+    truth = {"icdar_scenes": [r["gt_words"] for r in scenes], "coco_photos": words[gates[0], "coco_photos"]}
+    rows = []
+    for name, images in sets.items():
+        for g in gates:
+            walls, cpus = timing[g, name]
+            rows.append({"set": name, "gate_side": g, "images": len(images), "gated": gated[g, name],
+                         "truth": "ground truth" if name == "icdar_scenes" else f"gate_side={gates[0]} output",
+                         **word_scores(truth[name], words[g, name]),
+                         "images_per_s": len(images) / statistics.median(walls),
+                         "cpu_s_per_image": statistics.median(cpus) / len(images),
+                         "pass_wall_s": walls, "pass_cpu_s": cpus})
+    return rows
+
+
+def main_gates(args: argparse.Namespace, scenes: list[dict]) -> None:
+    gates = [int(x) for x in args.gates.split(",") if x.strip()]
+    rows = compare_gates(gates, scenes, args.data, args.photos, args.repeats)
+    header = f"{'set':<13} {'gate':>5} {'gated':>7} {'P':>6} {'R':>6} {'F1':>6} {'img/s':>6} {'cpu s/img':>9}  truth"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['set']:<13} {r['gate_side']:>5} {r['gated']:>3}/{r['images']:<3} {r['precision']:>6.3f} "
+              f"{r['recall']:>6.3f} {r['f1']:>6.3f} {r['images_per_s']:>6.2f} {r['cpu_s_per_image']:>9.3f}  "
+              f"{r['truth']}")
+    out = args.out if args.out != DEFAULT_OUT else ROOT / "bench" / "results" / "ocr_gate.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "ocr_eval --gates", "data": str(args.data), "photos": str(args.photos),
+                               "repeats": args.repeats, "machine": machine_info(), "rows": rows}, indent=1) + "\n",
+                   encoding="utf-8")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -179,11 +250,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed passes over the scene images (median reported)")
     ap.add_argument("--pipeline", default="default,none",
                     help="ingest image settings to run the pipeline path with (default | none | analysis_size)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ocr_eval.json")
+    ap.add_argument("--gates", default="", help="comma-separated gate_side values to compare (0 = off); see above")
+    ap.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="photo folder for --gates")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
     if not (args.data / "labels.jsonl").is_file():
         raise SystemExit(f"no labels.jsonl in {args.data} (the ICDAR2015 split of shared/data/text_images)")
     scenes, crops = load(args.data)
+    if args.gates:
+        main_gates(args, scenes)
+        return
 
     bare = bare_engine_readers()
     systems: list[tuple[str, Reader, bool, bool]] = [  # name, reader, on scenes, on crops

@@ -48,9 +48,13 @@ class _Strict(BaseModel):
     # Fields (dotted paths) that say where a service lives, not what it computes: hashed as if unset, so the same
     # model behind another spelling of its address (localhost / 127.0.0.1, a moved server) recomputes nothing.
     LOCATION: ClassVar[tuple[str, ...]] = ()
+    # New fields at these values reproduce the output made before they existed: hashed only when they differ (in
+    # nested configs too), so a config that keeps them there keeps its old hash.
+    LEGACY: ClassVar[dict] = {}
 
     def config_hash(self) -> str:
         data = self.model_dump(mode="json", exclude=self.NOT_HASHED)
+        _drop_legacy(self, data)
         for dotted in self.LOCATION:
             *parents, leaf = dotted.split(".")
             node = data
@@ -58,6 +62,15 @@ class _Strict(BaseModel):
                 node = node[p]
             node[leaf] = None
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _drop_legacy(model: _Strict, data: dict) -> None:
+    for name in list(data):
+        value = getattr(model, name, None)
+        if isinstance(value, _Strict) and isinstance(data[name], dict):
+            _drop_legacy(value, data[name])
+        elif name in model.LEGACY and data[name] == model.LEGACY[name]:
+            del data[name]
 
 
 class DownloadConfig(_Strict):
@@ -117,13 +130,12 @@ class ImageConfig(_Strict):
     skip_reencode: bool = Field(default=True, description="store the original bytes as the training copy when no "
                                 "resize, rotation or conversion is needed and the format matches encode_format")
 
-    # New fields at these values reproduce the output made before they existed: hashed only when they differ, so
-    # such a config keeps its old hash (and its shards stay done).
     LEGACY: ClassVar[dict] = {"analysis_size": None, "skip_reencode": False}
 
     def hashed(self) -> dict:
-        return {k: v for k, v in self.model_dump(mode="json").items()
-                if k not in self.LEGACY or v != self.LEGACY[k]}
+        data = self.model_dump(mode="json")
+        _drop_legacy(self, data)
+        return data
 
 
 class IngestConfig(_Strict):
@@ -158,6 +170,14 @@ class OCRConfig(_Strict):
     min_score: float = Field(default=0.5, ge=0, le=1, description="drop recognised lines below this score")
     lang: str = "en"
     model_dir: str | None = Field(default=None, description="local model folder (PP-OCR ONNX files or PaddleOCR)")
+    gate_side: int = Field(
+        default=640, ge=0, le=4096,
+        description="rapidocr: on images the full detector scales up (short side well under 736 px), a text gate "
+                    "first runs the detector alone on a copy this long (never smaller than the image nor than 2/3 of "
+                    "the full detector's input); where it finds no text the full read (detector, classifier, "
+                    "recogniser) is skipped. 0: off, every image gets the full read")
+
+    LEGACY: ClassVar[dict] = {"gate_side": 0}  # off: the output made before the gate existed
 
 
 class DetectorConfig(_Strict):
@@ -312,14 +332,8 @@ class TranslateConfig(_Strict):
 
     NOT_HASHED: ClassVar[set] = {"batch_size", "concurrency", "timeout", "drop_failed"}  # drop_failed: publish's
     LOCATION: ClassVar[tuple[str, ...]] = ("endpoint",)
-    # New fields at these values reproduce the output made before they existed: hashed only when they differ.
     LEGACY: ClassVar[dict] = {"backends": {}, "llm_model": None, "llm_round_trip": True}
 
-    def config_hash(self) -> str:
-        data = self.model_dump(mode="json", exclude=self.NOT_HASHED | {k for k, v in self.LEGACY.items()
-                                                                        if getattr(self, k) == v})
-        data["endpoint"] = None  # LOCATION
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ScoreConfig(_Strict):

@@ -3,13 +3,22 @@
 Two backends (registered in `infra.models.BACKENDS["ocr"]`), both built once per worker process by the registry as
 `Class(min_score=, lang=, model_dir=)`, both satisfying `infra.models.OCRBackend`:
 
-- `RapidOCRBackend` ("rapidocr", the cpu profile's default): `rapidocr_onnxruntime.RapidOCR`, i.e. PaddleOCR's
+- `RapidOCRBackend` ("rapidocr", the cpu profile's default; also takes `gate_side=`): `rapidocr_onnxruntime.RapidOCR`,
+  i.e. PaddleOCR's
   PP-OCRv4 det + rec (Chinese/English recogniser) and the mobile text-line direction classifier, exported to ONNX and
   shipped inside the wheel, run by ONNX Runtime on CPU with one intra-op thread per session (Dask runs one
   single-threaded worker per core). Nothing is downloaded. `model_dir` may name a folder of other PP-OCR ONNX
   exports (`*det*.onnx`, `*rec*.onnx`, optional `*cls*.onnx` and a `*dict*.txt`/`*keys*.txt` character list, needed
   when the recogniser does not carry its characters in its metadata). Without `model_dir`, `lang` must be one the
   shipped recogniser reads ("en", "ch", "zh"); anything else is a `ModelUnavailable`, not a silent misread.
+  The text gate (`gate_side` > 0): the DB detector's cost grows with pixels and RapidOCR scales every input's short
+  side up to 736 px, so a 640x480 photo is detected at 981x736. Where the full detector scales an image up that
+  much, the gate first runs the same detector on a copy whose long side is `gate_side` (never smaller than the image
+  itself nor than 2/3 of the full detector's input; no gate where that would cost over half the full detection, e.g.
+  1280x720 frames and 2048 px analysis copies, so small text in large images is found as before; see `_gate_size`)
+  and counts a box scoring >= 0.2 (the full detector keeps >= 0.5) as text; where it finds none, the full read
+  (detection at full size, classifier, recogniser) is skipped and the tile reads as no text. Where it finds text, the
+  full read runs exactly as without the gate, so those images read the same.
 - `PaddleOCRBackend` ("paddleocr", the gpu profile's default): PaddleOCR 3.x (`paddleocr.PaddleOCR(...).predict`),
   its models from its hub or from `model_dir` (sub-folders for det / rec / optional text-line orientation).
 
@@ -31,6 +40,7 @@ import logging
 import math
 import threading
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +58,14 @@ TILE_ASPECT = 4  # a tile is TILE_ASPECT short sides long and overlaps its neigh
 MAX_TILES = 12  # beyond this many, tiles get longer instead of more numerous
 SMALL_IMAGE, BORDER = 64, 32  # images with a side under SMALL_IMAGE px get a border of up to BORDER px (see `_fit`)
 RAPIDOCR_LANGS = frozenset({"en", "ch", "zh"})  # what the wheel's PP-OCRv4 recogniser reads (Chinese + Latin/ASCII)
+# The text gate (RapidOCR, `gate_side`): the DB detector alone, on a smaller copy, before the full read
+DET_MIN_SIDE = 736  # RapidOCR 1.4.4's det: limit_type "min", limit_side_len 736 (short side scaled up to 736)
+# the gate's copy is never smaller than the image itself nor than 1/GATE_MAX_SHRINK of what the full detector sees,
+# so small text stays found: at 1/2, ICDAR2015 img_363's text vanished from the gate (dev split, bench/ocr_eval.py
+# --gates), and a 45x25 px ICDAR word pasted into a 2048 px photo vanished at 2/3 of the full detector's size
+GATE_MAX_SHRINK = 1.5
+GATE_MAX_COST = 0.5  # a gate over this share of the full detector's pixels saves too little: the full read runs
+GATE_BOX_THRESH = 0.2  # box score the gate counts as text; under the full detector's 0.5, so the gate errs to "read"
 
 RawLine = tuple[str, float, Any]  # (text, score, quadrilateral as 4 [x, y]) in the engine input's coordinates
 
@@ -134,6 +152,21 @@ def _fit(array: np.ndarray, min_side: int, max_side: int) -> tuple[np.ndarray, f
         padded[:h2, :w2] = array
         array = padded
     return array, scale, border
+
+
+def _gate_size(h: int, w: int, gate_side: int) -> tuple[int, int] | None:
+    """(height, width) of the text gate's input for an engine input of h x w, or None: no gate, the full read.
+
+    The full detector scales the short side up to DET_MIN_SIDE (a 640x480 photo is read at 981x736). The gate reads
+    a copy with a long side of gate_side px, but never smaller than the image itself (small text keeps its pixels)
+    nor than 1/GATE_MAX_SHRINK of the full detector's input; in multiples of 32, as the DB network needs. Where that
+    is over GATE_MAX_COST of the full detector's pixels (images the full detector barely or does not scale up, such
+    as 1280x720 frames or 2048 px analysis copies), there is no gate."""
+    full = max(1.0, DET_MIN_SIDE / min(h, w))  # the full detector's scale
+    scale = min(full, max(gate_side / max(h, w), full / GATE_MAX_SHRINK, 1.0))
+    if (scale / full) ** 2 > GATE_MAX_COST:
+        return None
+    return max(32, round(h * scale / 32) * 32), max(32, round(w * scale / 32) * 32)
 
 
 def _to_lines(
@@ -270,10 +303,11 @@ class RapidOCRBackend(_OCRBase):
 
     min_side, max_side = 30, 2000  # RapidOCR's own min_side_len / max_side_len, so its resizing never kicks in
 
-    def __init__(self, min_score: float = 0.5, lang: str = "en", model_dir: str | None = None):
+    def __init__(self, min_score: float = 0.5, lang: str = "en", model_dir: str | None = None, gate_side: int = 0):
         super().__init__()
         try:
             from rapidocr_onnxruntime import RapidOCR
+            from rapidocr_onnxruntime.ch_ppocr_det.utils import DBPostProcess
         except ImportError as e:
             raise ModelUnavailable("ocr", "rapidocr", "pip install 'capfactory[experts]' (rapidocr-onnxruntime==1.4.4 "
                                                       f"+ onnxruntime; Python < 3.13) [{e}]") from None
@@ -307,8 +341,32 @@ class RapidOCRBackend(_OCRBase):
         # text_score=0: the engine keeps every line and `_to_lines` applies min_score (one filter, ours).
         self.engine = RapidOCR(text_score=0.0, intra_op_num_threads=1, inter_op_num_threads=1, **options)
         self.model_id = f"rapidocr-onnxruntime=={_version('rapidocr-onnxruntime')}/{model}"
+        self.gate_side = int(gate_side)
+        det = self.engine.text_det
+        self._gate_post = DBPostProcess(thresh=det.postprocess_op.thresh, box_thresh=GATE_BOX_THRESH,
+                                        unclip_ratio=det.postprocess_op.unclip_ratio, use_dilation=True)
+        # engine inputs per outcome: "gated" (the gate saw no text: no full detection, classifier or recogniser),
+        # "passed" (it saw text: the full read), "read" (no gate: the full read); for the tests and bench/ocr_eval.py
+        self.counts: Counter[str] = Counter()
+
+    def _has_text(self, bgr: np.ndarray, size: tuple[int, int]) -> bool:
+        """The text gate: the engine's DB detector on a copy of `size` (from `_gate_size`); any box scoring at least
+        GATE_BOX_THRESH counts as text."""
+        import cv2
+
+        det = self.engine.text_det
+        h, w = size
+        small = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_AREA if w < bgr.shape[1] else cv2.INTER_LINEAR)
+        x = ((small.astype(np.float32) / 255 - det.mean) / det.std).transpose(2, 0, 1)[None].astype(np.float32)
+        boxes, _ = self._gate_post(det.infer(x)[0], (h, w))
+        return len(boxes) > 0
 
     def _recognise(self, bgr: np.ndarray) -> list[RawLine]:
+        size = _gate_size(*bgr.shape[:2], self.gate_side) if self.gate_side else None
+        if size is not None and not self._has_text(bgr, size):
+            self.counts["gated"] += 1
+            return []
+        self.counts["read" if size is None else "passed"] += 1
         result, _ = self.engine(bgr)  # an ndarray is taken as BGR, as cv2 would have read it
         return [(text, score, box) for box, text, score in (result or [])]
 

@@ -1,5 +1,6 @@
 """Validation of every stage's output with the Great Expectations suites in `expectations/`, one (stage, shard) at a
-time, on the shard's pandas table.
+time, on the shard's pandas table. The GX context and the suites are built once per process and shared by the
+shards it validates (`expectations.runner.engine`, `gx_suite`); each shard still gets its own run and result.
 
 Store layout (`<dataset>/validate/`; a suite is named after the stage whose output it checks):
     <suite>/shard-00042.json                 the shard's result: failed expectations with examples, quarantined rows

@@ -330,3 +330,109 @@ def test_ocr_words() -> None:
         "upp", "serangoon", "rdj", "it's", "big", "70%off", "h&m", "50"]
     assert ocr_words("STRASSE Straße") == ["strasse", "strasse"]
     assert ocr_words("") == []
+
+
+# ---- the text gate (OCRConfig.gate_side) ----------------------------------------------------------------------
+
+PHOTOS = TEXT_IMAGES.parent / "photos" / "images"
+NO_TEXT_PHOTO = "000000101780.jpg"  # a COCO photo (480x640) neither the gate nor the full read finds text in
+TINY_WORD = "icdar2015_test_words/word_831.png"  # "WET", 45x25 px
+SMALL_WORD = "icdar2015_test_words/word_1247.png"  # "TIMEWISE", 73x35 px
+
+
+class _Calls:
+    """Counts the calls to the engine's recogniser, then runs the real one."""
+
+    def __init__(self, part):
+        self.part, self.calls = part, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.part(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def gated() -> RapidOCRBackend:
+    backend = load_backend("ocr", "rapidocr", min_score=0.5, lang="en", model_dir=None, gate_side=640)
+    assert backend.gate_side == 640
+    return backend
+
+
+@pytest.fixture
+def spied(gated: RapidOCRBackend, monkeypatch) -> tuple[RapidOCRBackend, _Calls]:
+    rec = _Calls(gated.engine.text_rec)
+    monkeypatch.setattr(gated.engine, "text_rec", rec)
+    gated.counts.clear()
+    return gated, rec
+
+
+def _photo(name: str) -> Image.Image:
+    with Image.open(PHOTOS / name) as im:
+        return im.convert("RGB")
+
+
+def test_gate_skips_the_full_read_of_a_photo_without_text(spied, backend: RapidOCRBackend) -> None:
+    gated, rec = spied
+    photo = _photo(NO_TEXT_PHOTO)
+    (result,) = gated.read([photo])
+    assert result.lines == [] and result.full_text == ""
+    assert gated.counts == {"gated": 1} and rec.calls == 0  # no full-size detection, no recognition
+    assert backend.read([photo])[0].lines == []  # the full read finds nothing there either
+
+
+def test_gate_reads_icdar_text_exactly_like_the_full_read(spied, scene_results) -> None:
+    gated, rec = spied
+    by_file = {row["file"]: result for row, result in scene_results}
+    results = gated.read([_open(f) for f in KNOWN])
+    assert gated.counts == {"read": len(KNOWN)} and rec.calls == len(KNOWN)  # 1280x720: no gate (see test_gate_size)
+    for file, result in zip(KNOWN, results, strict=True):
+        assert KNOWN[file] <= set(_words(result)), (file, result.full_text)
+        assert result.lines == by_file[file].lines, file  # the full read, unchanged
+
+
+def test_gate_finds_a_small_word_in_a_large_photo(spied, backend: RapidOCRBackend) -> None:
+    gated, rec = spied
+    big = _photo(NO_TEXT_PHOTO).resize((1536, 2048), Image.Resampling.BICUBIC)  # an analysis copy at its largest
+    big.paste(_open(TINY_WORD), (1100, 1400))  # 45x25 px: 0.04% of the image
+    (result,) = gated.read([big])
+    assert gated.counts == {"read": 1} and rec.calls == 1  # no gate at this size: a gate at 2/3 missed this word
+    assert result.lines == backend.read([big])[0].lines
+    (line,) = result.lines
+    assert ocr_words(line.text)[0].startswith("we"), line.text  # read as "WEI" (the crop's word is "WET")
+    assert _covers(line.box, (1100, 1400, 1145, 1425), slack=12) and _inside(line.box, big.size)
+
+
+def test_gate_passes_a_small_word_in_a_medium_photo(spied, backend: RapidOCRBackend) -> None:
+    gated, rec = spied
+    photo = _photo(NO_TEXT_PHOTO)  # 480x640: the full detector reads it at 736x992, the gate at 480x640
+    photo.paste(_open(SMALL_WORD), (300, 200))
+    (result,) = gated.read([photo])
+    assert gated.counts == {"passed": 1} and rec.calls == 1
+    assert result.lines == backend.read([photo])[0].lines
+    assert result.full_text == "TIMEWISE"
+
+
+def test_gate_size() -> None:
+    gate_size = ocr_mod._gate_size
+    assert gate_size(480, 640, 640) == (480, 640)  # the full detector would scale it up to 736x981
+    assert gate_size(426, 640, 640) == (480, 736)  # never under 2/3 of the full detector's 736x1106
+    assert gate_size(40, 100, 640) == (480, 1216)  # (2/3 of 736x1840)
+    # a gate not much smaller than the full detector's input (over half its pixels): no gate. 600x800: the gate
+    # would not shrink it below its own size (66% of the full detector's 736x981)
+    for h, w, side in ((600, 800, 640), (720, 1280, 640), (1500, 2000, 640), (150, 200, 4000)):
+        assert gate_size(h, w, side) is None, (h, w, side)
+
+
+def test_gate_config_hash_and_plan() -> None:
+    from infra.settings import ExtractConfig, OCRConfig
+    from tasks.experts.ocr import OCRExpert
+
+    off = ExtractConfig(ocr=OCRConfig(gate_side=0))
+    assert off.config_hash() == "f2f7956322189999"  # gate off: the hash before the gate existed (same output)
+    assert ExtractConfig().config_hash() != off.config_hash()  # the default gate can drop lines: recompute
+    assert ExtractConfig(ocr=OCRConfig(gate_side=960)).config_hash() != ExtractConfig().config_hash()
+    with pytest.raises(ValueError, match="gate_side"):
+        OCRConfig(gate_side=-1)
+    assert OCRExpert.plan(ExtractConfig(), "models")["ocr"] == (
+        "rapidocr", {"min_score": 0.5, "lang": "en", "model_dir": None, "gate_side": 640})
+    assert "gate_side" not in OCRExpert.plan(ExtractConfig(profile="gpu"), "models")["ocr"][1]

@@ -19,7 +19,10 @@ class OCRExpert(Expert):
     def plan(cls, cfg, models_dir):
         backend = resolve_backend("ocr", cfg.ocr.backend, cfg.profile, True)
         ocr = cfg.ocr
-        return {"ocr": (backend, {"min_score": ocr.min_score, "lang": ocr.lang, "model_dir": ocr.model_dir})}
+        options = {"min_score": ocr.min_score, "lang": ocr.lang, "model_dir": ocr.model_dir}
+        if backend == "rapidocr":  # the text gate uses RapidOCR's own detector
+            options["gate_side"] = ocr.gate_side
+        return {"ocr": (backend, options)}
 
     def run(self, images, rows):
         for row, result in zip(rows, self.models["ocr"].read(images), strict=True):
