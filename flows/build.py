@@ -44,7 +44,9 @@ def build_stages(spec: DatasetSpec, chosen: tuple[str, ...]) -> list:
 
 
 def _warm(stages) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(m for s in stages for m in s.warm))
+    # The first stage's modules only: the workers import them while the Prefect server boots, and the first shard
+    # starts sooner. A later stage's (GX, matplotlib, the model stacks) are imported by its first task, not here.
+    return tuple(stages[0].warm) if stages else ()
 
 
 @flow(name="build", log_prints=True)
