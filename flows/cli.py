@@ -188,6 +188,19 @@ def _start_prefect_server() -> None:
     start_early()
 
 
+def _start_cluster(stages: list, dask_address: str | None, workers: int | None) -> None:
+    """A run on a new LocalCluster: start it now, once the run is planned, so that its workers import what the
+    first stage needs while this process imports Prefect (the runtime takes it over)."""
+    from flows.preflight import needs_gpu
+    from infra import cluster, prefect_server
+    from infra.settings import Settings
+
+    settings = Settings()
+    if stages and not (dask_address or settings.dask_address):
+        cluster.start_early(workers or settings.dask_workers, needs_gpu(stages), tuple(stages[0].warm),
+                            prefect_server.early_url())
+
+
 def _run(name: str, spec: Path | None, dataset: str | None, store: str | None, overrides: dict[str, Any], *,
          models_dir: str | None = None, dask_address: str | None, workers: int | None, json_out: Path | None,
          inputs: list[str] | None = None, input_options: dict | None = None, **options: Any) -> dict:
@@ -198,7 +211,8 @@ def _run(name: str, spec: Path | None, dataset: str | None, store: str | None, o
 
     ds, from_spec = resolve_spec(spec, dataset, inputs or [], input_options or {}, {"store": store, **overrides})
     try:
-        preflight(ds, (name,), models_dir, **options)  # before Prefect and Dask are even imported
+        stages = preflight(ds, (name,), models_dir, **options)  # before Prefect and Dask are even imported
+        _start_cluster(stages, dask_address, workers)
         from flows.stage import run_stage
         from infra.runtime import stop_on_sigterm
 
@@ -479,7 +493,8 @@ def build(
 
     ds, _ = resolve_spec(spec, None, [], {}, {"store": store})
     try:
-        preflight(ds, selected_stages(ds, _comma_list(stages)))  # before Prefect and Dask are even imported
+        planned = preflight(ds, selected_stages(ds, _comma_list(stages)))  # before Prefect and Dask are imported
+        _start_cluster(planned, dask_address, workers)
         from flows.build import run_build
         from infra.runtime import stop_on_sigterm
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import os
+import threading
 
 import dask
-from distributed import LocalCluster
+from distributed import Client, LocalCluster
 
 from infra.models import WORKER_THREADS_ENV
 
@@ -31,12 +34,79 @@ def local_workers(n_workers: int | None = None) -> int:
     return n_workers or max(1, os.cpu_count() or 1)
 
 
-def start_local_cluster(n_workers: int | None = None, resources: dict[str, float] | None = None) -> LocalCluster:
-    """One single-threaded worker process per core (or `n_workers`), each advertising `resources`."""
+def start_local_cluster(n_workers: int | None = None, resources: dict[str, float] | None = None,
+                        env: dict[str, str] | None = None) -> LocalCluster:
+    """One single-threaded worker process per core (or `n_workers`), each advertising `resources`, with `env`
+    set in the worker processes (there, not in this process: Dask's pre-spawn variables land in ours too)."""
     n = local_workers(n_workers)
     # The cores each worker may use for its own thread pools (llama.cpp's n_threads): cores / workers.
-    env = {**WORKER_PRE_SPAWN_ENV, WORKER_THREADS_ENV: str(max(1, (os.cpu_count() or 1) // n))}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env,
+    pre_spawn = {**WORKER_PRE_SPAWN_ENV, WORKER_THREADS_ENV: str(max(1, (os.cpu_count() or 1) // n))}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn,
                           "distributed.worker.profile.enabled": False}):
         return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                            resources=resources)
+                            resources=resources, env=env or {})
+
+
+def _warm_worker(modules: tuple[str, ...]) -> None:
+    # Import what a worker's first task needs, before the first task arrives.
+    for module in ("prefect.task_engine", *modules):
+        importlib.import_module(module)
+
+
+class ClusterStart:
+    """A LocalCluster started in a background thread, its workers importing `warm` meanwhile; `result()` waits for
+    it. `api_url`: the Prefect API the workers report to (default: the PREFECT_API_URL they inherit)."""
+
+    def __init__(self, n_workers: int | None, gpu: bool, warm: tuple[str, ...], api_url: str | None = None):
+        self.key = (local_workers(n_workers), gpu, tuple(warm))
+        self._out: dict = {}
+        self._thread = threading.Thread(target=self._start, args=(api_url,), daemon=True)
+        self._thread.start()
+
+    def _start(self, api_url: str | None) -> None:
+        try:
+            cluster = start_local_cluster(self.key[0], resources={"GPU": 1} if self.key[1] else None,
+                                          env={"PREFECT_API_URL": api_url} if api_url else None)
+            with Client(cluster) as client:
+                client.run(_warm_worker, self.key[2])
+            self._out["cluster"] = cluster
+        except BaseException as e:  # re-raised in the caller's thread
+            self._out["error"] = e
+
+    def result(self) -> LocalCluster:
+        self._thread.join()
+        if "error" in self._out:
+            raise self._out["error"]
+        return self._out["cluster"]
+
+    def close(self) -> None:
+        self._thread.join()
+        if "cluster" in self._out:
+            self._out["cluster"].close()
+
+
+_early: list[ClusterStart] = []  # started by start_early, not yet taken over
+
+
+def start_early(n_workers: int | None, gpu: bool, warm: tuple[str, ...], api_url: str | None) -> None:
+    """Start the run's LocalCluster now, before the command imports Prefect: the workers' imports overlap the
+    command's own. `infra.runtime.flow_runtime` takes it over; one never taken over is closed at exit."""
+    if not _early:
+        _early.append(ClusterStart(n_workers, gpu, warm, api_url))
+        atexit.register(_close_untaken)
+
+
+def take_early(n_workers: int | None, gpu: bool, warm: tuple[str, ...]) -> ClusterStart | None:
+    """The cluster start_early began, if it was started for these settings (else it is closed); None if none."""
+    if not _early:
+        return None
+    early = _early.pop()
+    if early.key == (local_workers(n_workers), gpu, tuple(warm)):
+        return early
+    early.close()
+    return None
+
+
+def _close_untaken() -> None:
+    while _early:
+        _early.pop().close()

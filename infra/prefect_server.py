@@ -137,6 +137,11 @@ def start_early() -> None:
     atexit.register(_stop_untaken)
 
 
+def early_url() -> str | None:
+    """The API URL of the server `start_early` started (not yet taken over), or None."""
+    return _early[0][1] if _early else None
+
+
 def take_early() -> tuple[subprocess.Popen, str] | None:
     """The server `start_early` started, now owned by the caller (who stops it); None if there is none."""
     return _early.pop() if _early else None

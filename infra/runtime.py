@@ -14,26 +14,20 @@ closes.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import signal
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 from prefect_dask import DaskTaskRunner
 
-from infra.cluster import local_workers, start_local_cluster
-from infra.prefect_server import save_template, start_temporary_server, stop_server, take_early, wait_until_healthy
+from infra import cluster as clusters
+from infra import prefect_server
+from infra.cluster import ClusterStart, local_workers
+from infra.prefect_server import save_template, start_temporary_server, stop_server, wait_until_healthy
 
 log = logging.getLogger("capfactory")
-
-def _warm_worker(modules: tuple[str, ...]) -> None:
-    # Import what a worker's first task needs, before the first task arrives.
-    for module in ("prefect.task_engine", *modules):
-        importlib.import_module(module)
-
 
 async def _drain_worker() -> None:
     # Ship a worker's last Prefect logs and events while the API is still up: the process then exits when asked,
@@ -55,18 +49,6 @@ def _close_cluster(cluster) -> None:
     except Exception as e:  # a worker already gone: close the rest anyway
         log.debug("draining the workers failed: %s", e)
     cluster.close()
-
-
-def _start_cluster(n_workers: int | None, gpu: bool, warm: tuple[str, ...], out: dict) -> None:
-    try:
-        from distributed import Client
-
-        cluster = start_local_cluster(n_workers, resources={"GPU": 1} if gpu else None)
-        with Client(cluster) as client:
-            client.run(_warm_worker, warm)
-        out["cluster"] = cluster
-    except BaseException as e:  # re-raised in the caller's thread
-        out["error"] = e
 
 
 def stop_on_sigterm() -> None:
@@ -103,30 +85,27 @@ def flow_runtime(dask_address: str | None = None, n_workers: int | None = None, 
     log.log(logging.DEBUG if dask_address and PREFECT_API_URL.value() else logging.INFO, "%s",
             _starting_line(dask_address, n_workers, PREFECT_API_URL.value()))
     with ExitStack() as stack:
-        server, early = None, take_early()
+        server, early = None, prefect_server.take_early()
+        early_cluster = clusters.take_early(n_workers, gpu, warm) if not dask_address else None
         if PREFECT_API_URL.value() and early:  # an API configured in a Prefect profile: not needed after all
             stop_server(early[0])
+            if early_cluster is not None:  # its workers were told the early server's address
+                early_cluster.close()
+                early_cluster = None
         elif not PREFECT_API_URL.value():
             server, api_url = early or start_temporary_server()
             stack.callback(stop_server, server)
             # Dask worker processes started from here inherit the environment and report to this server.
             os.environ["PREFECT_API_URL"] = api_url
             stack.callback(os.environ.pop, "PREFECT_API_URL", None)
-        started: dict = {}
-        thread = None
-        if not dask_address:
-            thread = threading.Thread(target=_start_cluster, args=(n_workers, gpu, warm, started), daemon=True)
-            thread.start()
+        starting = None if dask_address else early_cluster or ClusterStart(n_workers, gpu, warm)
         if server is not None:
             wait_until_healthy(server, api_url)
             save_template(server)
             stack.callback(APILogWorker.drain_all, timeout=5)  # runs before stop_server: ship the last logs
             stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
-        if thread is not None:
-            thread.join()
-            if "error" in started:
-                raise started["error"]
-            cluster = started["cluster"]
+        if starting is not None:
+            cluster = starting.result()
             stack.callback(_close_cluster, cluster)
             dask_address = cluster.scheduler_address
             log.info("Dask dashboard: %s", cluster.dashboard_link)

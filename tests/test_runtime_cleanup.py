@@ -124,12 +124,19 @@ sys.exit(2)  # as a command whose checks failed after it started the server
 
 EARLY_THEN_RUNTIME = """
 import os
-from infra import prefect_server
+from distributed import Client
+from infra import cluster, prefect_server
 from infra.runtime import flow_runtime
 
 prefect_server.start_early()
 early_pid, early_url = prefect_server._early[0][0].pid, prefect_server._early[0][1]
-with flow_runtime(n_workers=1):
+cluster.start_early(1, False, ("tasks.ingest",), prefect_server.early_url())
+early_cluster = cluster._early[0]
+with flow_runtime(n_workers=1, warm=("tasks.ingest",)) as runner:
+    assert runner.address == early_cluster.result().scheduler_address  # the cluster started early, taken over
+    with Client(runner.address) as client:
+        [worker_url] = client.run(lambda: os.environ.get("PREFECT_API_URL")).values()
+    assert worker_url == early_url, worker_url
     print(early_pid, early_url, os.environ["PREFECT_API_URL"], flush=True)
     input()
 """
@@ -150,7 +157,7 @@ def test_a_server_started_early_and_never_used_is_stopped_at_exit(tmp_path: Path
     assert not _port_open("127.0.0.1", urlsplit(url).port)
 
 
-def test_the_runtime_takes_over_the_server_started_early(tmp_path: Path) -> None:
+def test_the_runtime_takes_over_the_server_and_cluster_started_early(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen([sys.executable, "-c", EARLY_THEN_RUNTIME], cwd=tmp_path, env=env, text=True,
@@ -166,3 +173,15 @@ def test_the_runtime_takes_over_the_server_started_early(tmp_path: Path) -> None
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_early_cluster_started_for_other_settings_is_closed_not_taken() -> None:
+    from distributed.core import Status
+
+    from infra import cluster
+
+    cluster.start_early(1, False, (), None)
+    early = cluster._early[0]
+    assert cluster.take_early(1, True, ()) is None  # a GPU run must not get workers that advertise none
+    assert early.result().status == Status.closed
+    assert cluster.take_early(1, False, ()) is None  # and it is gone
