@@ -146,25 +146,9 @@ def run_direct(spec_path: Path, out: Path) -> None:
 
 
 def _validate(store, spec) -> None:
-    from tasks.validate import (
-        ensure_reference,
-        publish_data_docs,
-        shards_to_validate,
-        suites_to_run,
-        validate_shard,
-        write_summary,
-    )
+    from tasks.validate import validate_dataset
 
-    cfg = spec.validation
-    suites, skipped = suites_to_run(store, DATASET, cfg)
-    reference = ensure_reference(store, DATASET, cfg) if "score" in suites else None
-    plan = shards_to_validate(store, DATASET, cfg, suites, reference)
-    for suite, (todo, _) in plan.items():
-        for shard in todo:
-            validate_shard(store.uri, DATASET, suite, shard, spec, reference)
-    write_summary(store, DATASET, cfg, suites, skipped)
-    if cfg.data_docs and suites:
-        publish_data_docs(store.uri, DATASET, suites)
+    validate_dataset(store.uri, DATASET, spec)
 
 
 def _publish(store, spec) -> None:

@@ -1,7 +1,8 @@
 """Benchmark: seconds the `validate` stage takes per 1,000 rows, and its fixed part, before and after a change.
 
 What it measures, per dataset size N (rows of every stage output), variant (a source tree: `after` = this
-checkout, `before` = another checkout given with `--before`, e.g. `git worktree add /tmp/validate-before HEAD`)
+checkout, `before` = another checkout given with `--before`, e.g. `git worktree add /tmp/validate-before HEAD`;
+its tasks/validate.py must have `validate_dataset`, added in the same change as this benchmark)
 and mode, over R runs (variants alternate run by run, ABAB):
 - `function`: the plain functions in one process, what the flow does without Prefect or Dask (plan the shards,
   `validate_shard` on each, the summary, the data docs);
@@ -99,30 +100,6 @@ def make_dataset(root: Path, rows: int, shard_size: int, seed: int = 0) -> int:
     return len(starts)
 
 
-def validate_plain(store_uri: str, spec) -> dict:
-    """The flow's work without Prefect: the plan, every shard, the summary and the data docs."""
-    from infra.store import open_store
-    from tasks.validate import (
-        ensure_reference,
-        publish_data_docs,
-        shards_to_validate,
-        suites_to_run,
-        validate_shard,
-        write_summary,
-    )
-
-    store, cfg = open_store(store_uri), spec.validation
-    suites, skipped = suites_to_run(store, DATASET, cfg)
-    reference = ensure_reference(store, DATASET, cfg) if "score" in suites else None
-    plan = shards_to_validate(store, DATASET, cfg, suites, reference)
-    for suite, (todo, _) in plan.items():
-        for shard in todo:
-            validate_shard(store_uri, DATASET, suite, shard, spec, reference)
-    summary = write_summary(store, DATASET, cfg, suites, skipped)
-    publish_data_docs(store_uri, DATASET, suites)
-    return summary
-
-
 def _cpu() -> float:
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
@@ -139,7 +116,8 @@ def child(mode: str, store_dir: str, workers: int) -> None:
     spec = DatasetSpec(name=DATASET, store=store_dir)
     t0, c0 = time.perf_counter(), _cpu()
     plain = mode == "function"
-    summary = validate_plain(store_dir, spec) if plain else run_stage("validate", spec, workers=workers)
+    summary = tasks.validate.validate_dataset(store_dir, DATASET, spec) if plain else \
+        run_stage("validate", spec, workers=workers)
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
     rows = sum(s["rows"] for s in summary["suites"].values())
     passed = all(s["passed"] == s["shards"] for s in summary["suites"].values())

@@ -10,15 +10,7 @@ from tqdm import tqdm
 from flows.stage import open_dataset
 from infra.settings import DatasetSpec
 from tasks.shards import planned_shards
-from tasks.validate import (
-    ValidationFailed,
-    ensure_reference,
-    publish_data_docs,
-    shards_to_validate,
-    suites_to_run,
-    validate_shard,
-    write_summary,
-)
+from tasks.validate import ValidationFailed, plan_validation, publish_data_docs, validate_shard, write_summary
 
 
 # No retries: a failed expectation fails the same way again.
@@ -56,9 +48,7 @@ def validate_flow(dataset: str, store: str | None = None, spec: DatasetSpec | No
     store_uri = store.uri
     if not planned_shards(store, dataset):
         raise ValueError(f"dataset {dataset!r} has no ingested shards in {store_uri}; run `capfactory ingest` first")
-    suites, skipped = suites_to_run(store, dataset, cfg)
-    reference = ensure_reference(store, dataset, cfg) if "score" in suites else None
-    plan = shards_to_validate(store, dataset, cfg, suites, reference)
+    suites, skipped, reference, plan = plan_validation(store, dataset, cfg)
     logger.info("validating %s (%s); no output yet: %s", ", ".join(f"{s}: {len(plan[s][0])} shards" for s in suites),
                 cfg.on_failure, ", ".join(skipped) or "-")
     futures = {validate_shard_task.submit(store_uri, dataset, suite, shard, spec, reference): (suite, shard)

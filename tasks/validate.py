@@ -152,6 +152,15 @@ def shards_to_validate(store: ArtifactStore, dataset: str, cfg: ValidateConfig, 
     return plan
 
 
+def plan_validation(store: ArtifactStore, dataset: str, cfg: ValidateConfig
+                    ) -> tuple[list[str], list[str], dict | None, dict[str, tuple[list[int], list[int]]]]:
+    """(suites to run, stages with no output yet, the score reference, per suite: shards to validate and shards
+    whose result still holds)."""
+    suites, skipped = suites_to_run(store, dataset, cfg)
+    reference = ensure_reference(store, dataset, cfg) if "score" in suites else None
+    return suites, skipped, reference, shards_to_validate(store, dataset, cfg, suites, reference)
+
+
 def expected_rows(store: ArtifactStore, dataset: str, suite: str, shard: int) -> int | None:
     """Rows the stage's shard must have: raw = its input manifest; one-row-per-sample stages = the raw shard."""
     if suite == RAW:
@@ -305,6 +314,20 @@ def publish_data_docs(store_uri: str, dataset: str, suites: list[str]) -> str:
         for path in sorted(p for p in site.rglob("*") if p.is_file()):
             store.put_file(f"{prefix}/{path.relative_to(site).as_posix()}", path)
     return f"{prefix}/index.html"
+
+
+def validate_dataset(store_uri: str, dataset: str, spec: DatasetSpec) -> dict:
+    """The validate flow's work in this process, one shard after another (the direct path the benchmarks time
+    against the flow); returns the summary."""
+    store, cfg = open_store(store_uri), spec.validation
+    suites, skipped, reference, plan = plan_validation(store, dataset, cfg)
+    for suite, (todo, _) in plan.items():
+        for shard in todo:
+            validate_shard(store_uri, dataset, suite, shard, spec, reference)
+    summary = write_summary(store, dataset, cfg, suites, skipped)
+    if cfg.data_docs and suites:
+        publish_data_docs(store_uri, dataset, suites)
+    return summary
 
 
 def _quarantined(store: ArtifactStore, dataset: str, suite: str, columns: list[str]) -> list[dict]:

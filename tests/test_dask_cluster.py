@@ -49,7 +49,7 @@ def prefect_api():
     """One Prefect API for this process and the Dask worker processes (they report their task runs to it)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from infra.prefect_server import start_temporary_server, wait_until_healthy
+    from infra.prefect_server import start_temporary_server, stop_server, wait_until_healthy
 
     server, api_url = start_temporary_server()
     try:
@@ -57,12 +57,7 @@ def prefect_api():
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             yield api_url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
 
 
 @pytest.fixture(scope="module")

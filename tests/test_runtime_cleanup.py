@@ -143,7 +143,15 @@ with flow_runtime(n_workers=1, warm=("tasks.ingest",)) as runner:
 
 
 def _servers(pids: set[int]) -> list[int]:
-    return [pid for pid in pids if b"PR_SET_PDEATHSIG" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    """The temporary Prefect servers among `pids` (a process that exited meanwhile is none)."""
+    found = []
+    for pid in pids:
+        try:
+            if b"PR_SET_PDEATHSIG" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
 
 
 def test_a_server_started_early_and_never_used_is_stopped_at_exit(tmp_path: Path) -> None:
