@@ -314,3 +314,12 @@ def test_translations_too_short_for_language_id_are_not_mismatches(broken):
     assert _validate(broken, "translate", 0, spec(translation_lang_match_mostly=1.0))["success"]
     _edit(broken, "translate", 0, lambda rows: rows[0].update(qe_lang="es"))
     assert not _validate(broken, "translate", 0, spec(translation_lang_match_mostly=1.0))["success"]
+
+
+def test_a_close_relative_of_the_target_language_is_a_match(broken):
+    """QE accepts Galician detected on a Portuguese caption (py3langid confuses them); so does the suite."""
+    rows = _edit(broken, "translate", 0, lambda rows: [r.update(qe_lang="gl") for r in rows if r["lang"] == "pt"])
+    assert any(r["lang"] == "pt" for r in rows)
+    assert _validate(broken, "translate", 0, spec(translation_lang_match_mostly=1.0))["success"]
+    _edit(broken, "translate", 0, lambda rows: rows[0].update(qe_lang="es"))
+    assert not _validate(broken, "translate", 0, spec(translation_lang_match_mostly=1.0))["success"]
