@@ -11,14 +11,18 @@ What it measures, per tool and URL count N, over R runs each (ABAB: tools altern
 - successes: training-copy `.jpg` members counted in the output tars (capfactory's `KEY.analysis.jpg` copies for
   the experts are not counted), and the tool's own stats files, for comparison.
 
-How: one `python -m infra.loopback_server` process serves the COCO photos in shared/data/photos/images under N
-distinct paths `/img/{i}/{name}`; the URL list (columns url, caption: the first COCO caption of each photo) is a
-Parquet file in a temp dir. Both tools get the same settings: image_size 256, resize_mode keep_ratio, webdataset
-output, jpg encoding, 2 processes, 1000 samples per shard; everything else at the tool's defaults, except
-img2dataset's thread_count (see `--i2d-threads`). Every tool run is killed after `--timeout` seconds; the server is
-always stopped. Results: a table on stdout and every run's raw numbers in JSON (default bench/results/ingest.json).
+How: one `python -m infra.loopback_server` process serves the .jpg files of `--images` (default: the 640x480 COCO
+photos in shared/data/photos/images; e.g. shared/data/text_images/icdar2015_test has 1280x720 scenes) under N
+distinct paths `/img/{i}/{name}`; the URL list (columns url, caption: the first COCO caption of each photo where
+the folder's parent has a captions.jsonl, else empty) is a Parquet file in a temp dir. The server shares the cores
+with the tool under test: its CPU seconds per run are recorded too (`server_cpu_s`). Both tools get the same
+settings: image_size 256, resize_mode keep_ratio, webdataset output, jpg encoding, 2 processes, 1000 samples per
+shard; everything else at the tool's defaults, except img2dataset's thread_count (see `--i2d-threads`). Every tool
+run is killed after `--timeout` seconds; the server is always stopped. Results: a table on stdout and every run's
+raw numbers in JSON (default bench/results/ingest.json).
 
 Run:  .venv/bin/python bench/ingest.py [--sizes 2000,10000] [--runs 3] [--tools capfactory,capfactory-api,img2dataset]
+      [--images DIR]
       (any python works: the script re-executes itself under .venv/bin/python, which has pyarrow and psutil)
 
 img2dataset lives in its own venv, created by this script when missing with exactly:
@@ -88,6 +92,7 @@ def reexec_in_venv() -> None:
 reexec_in_venv()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from common import LoopbackServer, RunResult, machine_info, run_measured  # noqa: E402
@@ -109,9 +114,24 @@ def image_names(images_dir: Path) -> list[str]:
     return sorted(p.name for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() == ".jpg")
 
 
+def image_sizes(images_dir: Path, names: list[str]) -> dict[str, int]:
+    """{"WxH": count} of the served images, most common first."""
+    from collections import Counter
+
+    from PIL import Image
+
+    sizes = Counter()
+    for name in names:
+        with Image.open(images_dir / name) as im:
+            sizes[f"{im.width}x{im.height}"] += 1
+    return dict(sizes.most_common())
+
+
 def first_captions(captions_jsonl: Path) -> dict[str, str]:
-    """File name -> first COCO caption."""
+    """File name -> first COCO caption; none when the file is missing."""
     out = {}
+    if not captions_jsonl.is_file():
+        return out
     for line in captions_jsonl.read_text().splitlines():
         if line.strip():
             rec = json.loads(line)
@@ -241,8 +261,14 @@ def server_call(base_url: str, path: str, method: str = "GET") -> dict:
         return json.loads(response.read())
 
 
+def process_cpu_s(pid: int) -> float:
+    """User+sys CPU seconds of a live process and its children so far."""
+    proc = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in (proc, *proc.children(recursive=True)))
+
+
 def run_tool(tool: str, n: int, urls: Path, work: Path, run_idx: int, args: argparse.Namespace,
-             base_url: str, api_url: str | None) -> dict:
+             base_url: str, api_url: str | None, server_pid: int) -> dict:
     """One measured run of `tool`; a missing or failing tool is recorded, never raised."""
     record = {"tool": tool, "n": n, "run": run_idx, "started_at": time.time()}
     exe, build = COMMANDS[tool]
@@ -252,11 +278,13 @@ def run_tool(tool: str, n: int, urls: Path, work: Path, run_idx: int, args: argp
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     server_call(base_url, "/_reset", "POST")
+    server_cpu = process_cpu_s(server_pid)
     started = time.time()
     res: RunResult = run_measured(
         build(urls, out, args), env=tool_env(tool, api_url), cwd=ROOT, timeout_s=args.timeout,
         log_path=work / f"{out.name}.log",
     )
+    server_cpu = process_cpu_s(server_pid) - server_cpu
     first_hit = server_call(base_url, "/_first-hit")["first_hit"]
     jpgs, tool_stats = count_successes(out)
     shutil.rmtree(out, ignore_errors=True)  # 10k thumbnails per run add up
@@ -265,8 +293,8 @@ def run_tool(tool: str, n: int, urls: Path, work: Path, run_idx: int, args: argp
     record["rss_by_quarter_mb"] = rss_by_quarter(series)
     if n >= FULL_SERIES_FROM:  # the long runs keep the whole curve
         record["rss_series"] = series
-    record.update(successes=jpgs, tool_stats_successes=tool_stats, images_per_s=jpgs / res.wall_s,
-                  startup_s=first_hit - started if first_hit else None)
+    record.update(server_cpu_s=server_cpu, successes=jpgs, tool_stats_successes=tool_stats,
+                  images_per_s=jpgs / res.wall_s, startup_s=first_hit - started if first_hit else None)
     if res.timed_out or res.returncode != 0:
         record["error"] = "timed out" if res.timed_out else f"exit code {res.returncode}"
     if record.get("error") or jpgs < n:  # keep the log only where it says something
@@ -299,7 +327,7 @@ def summarize(records: list[dict], sizes: list[int], tools: list[str]) -> list[d
                     **{
                         f"median_{k}": median_of(measured, k)
                         for k in ("wall_s", "startup_s", "images_per_s", "cpu_s", "cpu_tree_sampled_s",
-                                  "peak_rss_mb")
+                                  "peak_rss_mb", "server_cpu_s")
                     },
                     "successes": [r["successes"] for r in runs],
                 }
@@ -324,7 +352,7 @@ def fmt(value: float | None, spec: str) -> str:
 
 def print_table(rows: list[dict], ratio: dict[str, float | None]) -> None:
     header = (f"{'N':>6}  {'tool':<15} {'wall s':>8} {'start s':>8} {'img/s':>8} {'CPU s':>8} {'CPU s*':>8} "
-              f"{'RSS MB':>8}  successes")
+              f"{'RSS MB':>8} {'srv CPU':>8}  successes")
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         fails = f" ({r['failed_runs']} failed)" if r["failed_runs"] else ""
@@ -332,11 +360,12 @@ def print_table(rows: list[dict], ratio: dict[str, float | None]) -> None:
             f"{r['n']:>6}  {r['tool']:<15} {fmt(r['median_wall_s'], '8.1f')} {fmt(r['median_startup_s'], '8.1f')}"
             f" {fmt(r['median_images_per_s'], '8.0f')}"
             f" {fmt(r['median_cpu_s'], '8.1f')} {fmt(r['median_cpu_tree_sampled_s'], '8.1f')}"
-            f" {fmt(r['median_peak_rss_mb'], '8.0f')}  {','.join(map(str, r['successes']))}{fails}"
+            f" {fmt(r['median_peak_rss_mb'], '8.0f')} {fmt(r['median_server_cpu_s'], '8.1f')}"
+            f"  {','.join(map(str, r['successes']))}{fails}"
         )
     print(
         "medians over runs; start s = command to first request; CPU s = rusage of reaped children, CPU s* = psutil "
-        "tree samples; RSS = peak summed tree RSS"
+        "tree samples; RSS = peak summed tree RSS; srv CPU = the loopback server's CPU s in the run"
     )
     for key, x in ratio.items():
         tool, n = key.split("@")
@@ -398,6 +427,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
     p.add_argument("--timeout", type=float, default=600, help="seconds before a tool run is killed (default 600)")
+    p.add_argument("--images", type=Path, default=PHOTOS / "images",
+                   help="folder of .jpg files to serve (default: the COCO photos)")
     p.add_argument(
         "--i2d-threads",
         type=int,
@@ -416,20 +447,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if "img2dataset" in args.tools:
         ensure_bench_venv()
-    images = PHOTOS / "images"
-    names, captions = image_names(images), first_captions(PHOTOS / "captions.jsonl")
+    images = args.images.resolve()
+    names, captions = image_names(images), first_captions(images.parent / "captions.jsonl")
+    if not names:
+        raise SystemExit(f"no .jpg files in {images}")
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="capfactory-bench-") as tmp:
         work = Path(tmp)
-        with LoopbackServer(VENV_PY, images, cwd=ROOT, log_path=work / "server.log") as base_url, \
-                running_prefect_api("capfactory-api" in args.tools) as api_url:
-            print(f"loopback server at {base_url}; {len(names)} photos", flush=True)
+        server = LoopbackServer(VENV_PY, images, cwd=ROOT, log_path=work / "server.log")
+        with server as base_url, running_prefect_api("capfactory-api" in args.tools) as api_url:
+            print(f"loopback server at {base_url}; {len(names)} images from {images}; most common sizes: "
+                f"{', '.join(list(image_sizes(images, names))[:4])}",
+                  flush=True)
             for n in args.sizes:
                 urls = work / f"urls-{n}.parquet"
                 write_url_list(urls, base_url, n, names, captions)
                 for run_idx in range(args.runs):
                     for tool in args.tools:  # ABAB: same order every round
-                        rec = run_tool(tool, n, urls, work, run_idx, args, base_url, api_url)
+                        rec = run_tool(tool, n, urls, work, run_idx, args, base_url, api_url, server.proc.pid)
                         records.append(rec)
                         print(
                             f"N={n} run {run_idx} {tool}: wall {fmt(rec.get('wall_s'), '.1f')} s, start-up "
@@ -456,7 +491,9 @@ def main(argv: list[str] | None = None) -> int:
             "shard_size": SHARD_SIZE,
             "img2dataset_thread_count": args.i2d_threads,
             "order": "ABAB",
-            "photos": len(names),
+            "images_dir": str(images),
+            "images": len(names),
+            "image_sizes": image_sizes(images, names),
         },
         "machine": machine_info(),
         "versions": tool_versions(),
