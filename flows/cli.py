@@ -8,6 +8,7 @@ found before Prefect or Dask start; `--debug` adds tracebacks and Prefect's and 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -188,17 +189,49 @@ def _start_prefect_server() -> None:
     start_early()
 
 
-def _start_cluster(stages: list, dask_address: str | None, workers: int | None) -> None:
+def _start_cluster(ds, stages: list, dask_address: str | None, workers: int | None) -> None:
     """A run on a new LocalCluster: start it now, once the run is planned, so that its workers import what the
-    first stage needs while this process imports Prefect (the runtime takes it over)."""
+    first stage needs while this process imports Prefect (the runtime takes it over). A run that starts with
+    ingest also gets a head start: the first shards' URLs are fetched meanwhile (tasks/prefetch.py)."""
     from flows.preflight import needs_gpu
     from infra import cluster, prefect_server
     from infra.settings import Settings
 
     settings = Settings()
-    if stages and not (dask_address or settings.dask_address):
-        cluster.start_early(workers or settings.dask_workers, needs_gpu(stages), tuple(stages[0].warm),
-                            prefect_server.early_url())
+    if not stages or dask_address or settings.dask_address:
+        return
+    n_workers = cluster.local_workers(workers or settings.dask_workers)
+    spool = None
+    if stages[0].name == "ingest" and settings.prefetch:
+        from tasks.prefetch import SPOOL_ENV, new_spool
+
+        spool = new_spool()
+    cluster.start_early(n_workers, needs_gpu(stages), tuple(stages[0].warm), prefect_server.early_url(),
+                        {SPOOL_ENV: str(spool.root)} if spool else None)
+    if spool:
+        _start_prefetch(ds, stages[0].config, n_workers, spool)
+
+
+def _start_prefetch(ds, cfg, n_workers: int, spool) -> None:
+    """Fetch the URLs of the first shard of each worker into `spool` until a shard task starts; stopped and removed
+    at exit."""
+    from infra.settings import Settings
+    from infra.store import open_store
+    from tasks.prefetch import Prefetcher, head_start_urls
+
+    def urls() -> list[str]:
+        store = open_store(ds.store or Settings().store)
+        return head_start_urls(store, ds.name, list(ds.inputs), cfg.shard_size, n_workers)
+
+    prefetcher = Prefetcher(urls, cfg.download, spool).start()
+
+    def close() -> None:
+        prefetcher.close()
+        if prefetcher.fetched:
+            typer.echo(f"head start: {prefetcher.fetched} of the first {prefetcher.planned} URLs were fetched while "
+                       "the workers started", err=True)
+
+    atexit.register(close)
 
 
 def _run(name: str, spec: Path | None, dataset: str | None, store: str | None, overrides: dict[str, Any], *,
@@ -212,7 +245,7 @@ def _run(name: str, spec: Path | None, dataset: str | None, store: str | None, o
     ds, from_spec = resolve_spec(spec, dataset, inputs or [], input_options or {}, {"store": store, **overrides})
     try:
         stages = preflight(ds, (name,), models_dir, **options)  # before Prefect and Dask are even imported
-        _start_cluster(stages, dask_address, workers)
+        _start_cluster(ds, stages, dask_address, workers)
         from flows.stage import run_stage
         from infra.runtime import stop_on_sigterm
 
@@ -494,7 +527,7 @@ def build(
     ds, _ = resolve_spec(spec, None, [], {}, {"store": store})
     try:
         planned = preflight(ds, selected_stages(ds, _comma_list(stages)))  # before Prefect and Dask are imported
-        _start_cluster(planned, dask_address, workers)
+        _start_cluster(ds, planned, dask_address, workers)
         from flows.build import run_build
         from infra.runtime import stop_on_sigterm
 

@@ -55,18 +55,20 @@ def _warm_worker(modules: tuple[str, ...]) -> None:
 
 class ClusterStart:
     """A LocalCluster started in a background thread, its workers importing `warm` meanwhile; `result()` waits for
-    it. `api_url`: the Prefect API the workers report to (default: the PREFECT_API_URL they inherit)."""
+    it. `api_url`: the Prefect API the workers report to (default: the PREFECT_API_URL they inherit); `env`: more
+    variables for the workers."""
 
-    def __init__(self, n_workers: int | None, gpu: bool, warm: tuple[str, ...], api_url: str | None = None):
+    def __init__(self, n_workers: int | None, gpu: bool, warm: tuple[str, ...], api_url: str | None = None,
+                 env: dict[str, str] | None = None):
         self.key = (local_workers(n_workers), gpu, tuple(warm))
         self._out: dict = {}
-        self._thread = threading.Thread(target=self._start, args=(api_url,), daemon=True)
+        env = {**(env or {}), **({"PREFECT_API_URL": api_url} if api_url else {})}
+        self._thread = threading.Thread(target=self._start, args=(env,), daemon=True)
         self._thread.start()
 
-    def _start(self, api_url: str | None) -> None:
+    def _start(self, env: dict[str, str]) -> None:
         try:
-            cluster = start_local_cluster(self.key[0], resources={"GPU": 1} if self.key[1] else None,
-                                          env={"PREFECT_API_URL": api_url} if api_url else None)
+            cluster = start_local_cluster(self.key[0], resources={"GPU": 1} if self.key[1] else None, env=env)
             with Client(cluster) as client:
                 client.run(_warm_worker, self.key[2])
             self._out["cluster"] = cluster
@@ -88,11 +90,12 @@ class ClusterStart:
 _early: list[ClusterStart] = []  # started by start_early, not yet taken over
 
 
-def start_early(n_workers: int | None, gpu: bool, warm: tuple[str, ...], api_url: str | None) -> None:
+def start_early(n_workers: int | None, gpu: bool, warm: tuple[str, ...], api_url: str | None,
+                env: dict[str, str] | None = None) -> None:
     """Start the run's LocalCluster now, before the command imports Prefect: the workers' imports overlap the
     command's own. `infra.runtime.flow_runtime` takes it over; one never taken over is closed at exit."""
     if not _early:
-        _early.append(ClusterStart(n_workers, gpu, warm, api_url))
+        _early.append(ClusterStart(n_workers, gpu, warm, api_url, env))
         atexit.register(_close_untaken)
 
 

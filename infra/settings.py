@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     dask_address: str | None = None
     dask_workers: int | None = Field(default=None, ge=1)
     models_dir: str = "./models"
+    # A crawl's head start (tasks/prefetch.py): the command fetches the first shards' URLs while the workers start.
+    prefetch: bool = True
 
 
 class _Strict(BaseModel):

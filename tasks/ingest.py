@@ -25,6 +25,7 @@ from tasks.dedup import find_duplicates
 from tasks.download import Downloader, FetchResult
 from tasks.images import ImageError, ProcessedImage, process_image
 from tasks.inputs import InputReport, check_inputs, drop_keys, first_occurrences, read_inputs
+from tasks.prefetch import worker_spool
 from tasks.shards import (
     INGEST_SCHEMA,
     TarWriter,
@@ -145,6 +146,9 @@ async def fetch_and_process(samples: list[dict], cfg: IngestConfig) -> list[Samp
     loop = asyncio.get_running_loop()
     results: list[SampleResult | None] = [None] * len(samples)
     gate = asyncio.Semaphore(cfg.download.concurrency)
+    spool = worker_spool()  # the command's head start, if it had one
+    if spool is not None:
+        await loop.run_in_executor(None, spool.request_stop)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="images") as images:
         async with Downloader(cfg.download) as downloader:
 
@@ -155,7 +159,7 @@ async def fetch_and_process(samples: list[dict], cfg: IngestConfig) -> list[Samp
                             fetched = await loop.run_in_executor(images, _read_local, sample["url"],
                                                                  cfg.download.max_bytes)
                         else:
-                            fetched = await downloader.fetch(sample["url"])
+                            fetched = (spool and spool.take(sample["url"])) or await downloader.fetch(sample["url"])
                     except Exception as e:
                         fetched = _internal_error(e)
                 results[i] = await loop.run_in_executor(images, _process, fetched, cfg)
