@@ -25,10 +25,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
+
 from infra.settings import DownloadConfig, InputSpec
 from infra.store import ArtifactStore
 from tasks.download import Downloader, FetchResult
-from tasks.inputs import first_occurrences, read_inputs
+from tasks.inputs import detect_format, first_occurrences, read_inputs
 from tasks.shards import planned_shards
 
 SPOOL_PREFIX = "capfactory-prefetch-"  # + pid + random: the spool folders in the temp folder
@@ -67,15 +69,22 @@ class Spool:
         return result if isinstance(result, FetchResult) else None
 
     def request_stop(self, wait_s: float = STOP_WAIT_S) -> None:
-        """Ask the prefetcher to stop and wait (at most `wait_s`) until it has: nothing of it is then in flight."""
+        """Ask the prefetcher to stop and, if it has begun fetching, wait (at most `wait_s`) until it has: nothing
+        of it is then in flight. (It marks `fetching` before it looks for `stop`, and this looks for `fetching`
+        after it wrote `stop`: one of the two sees the other.)"""
         with contextlib.suppress(OSError):
             (self.root / "stop").touch()
+        if not (self.root / "fetching").exists():
+            return
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline and self.root.is_dir() and not (self.root / "stopped").exists():
             time.sleep(0.02)
 
     def stop_requested(self) -> bool:
         return (self.root / "stop").exists() or not self.root.is_dir()
+
+    def mark_fetching(self) -> None:
+        (self.root / "fetching").touch()
 
     def mark_stopped(self) -> None:
         with contextlib.suppress(OSError):
@@ -92,11 +101,20 @@ def head_start_urls(store: ArtifactStore, dataset: str, inputs: list[InputSpec],
                     shards: int) -> list[str]:
     """The http(s) URLs of the first `shards` shards that planning will write, taking the shards in turn (they
     start together, one per worker); none for a dataset that has planned shards already (a resume plans in
-    another order, and most of its URLs are done)."""
+    another order, and most of its URLs are done). It stops reading inputs at a folder or once it has enough rows:
+    a URL spooled for another shard than planned is still taken by the task that gets it."""
     if planned_shards(store, dataset):
         return []
-    table, _ = read_inputs(inputs)
-    table = first_occurrences(table).slice(0, shards * shard_size)
+    wanted, tables = shards * shard_size, []
+    for spec in inputs:  # only as many inputs as it takes; folders hold files, not URLs
+        if spec.format == "folder" or (spec.format == "auto" and detect_format(Path(spec.path)) == "folder"):
+            break
+        tables.append(read_inputs([spec])[0])
+        if sum(t.num_rows for t in tables) >= wanted:
+            break
+    if not tables:
+        return []
+    table = first_occurrences(pa.concat_tables(tables, promote_options="permissive")).slice(0, wanted)
     rows = [u for u, s in zip(table.column("url").to_pylist(), table.column("source").to_pylist(), strict=True)
             if s == "url" and u and u.lower().startswith(("http://", "https://"))]
     per_shard = [rows[i * shard_size:(i + 1) * shard_size] for i in range(shards)]
@@ -132,6 +150,7 @@ class Prefetcher:
     async def _main(self) -> None:
         urls = self.urls()
         self.planned = len(urls)
+        self.spool.mark_fetching()  # before the first look at `stop` (see Spool.request_stop)
         gate = asyncio.Semaphore(self.cfg.concurrency)
         async with Downloader(self.cfg) as downloader:
 

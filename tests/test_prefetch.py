@@ -88,6 +88,23 @@ def test_prefetcher_stops_when_a_shard_task_asks(tmp_path):
         assert not tmp_path.exists()  # close removes the spool
 
 
+def test_a_shard_task_does_not_wait_for_a_prefetcher_still_reading_its_inputs(tmp_path):
+    with ImageServer(PHOTOS[:2]) as srv:
+        urls = srv.image_urls(4)
+
+        def slow_inputs() -> list[str]:
+            time.sleep(1.5)  # a large URL list
+            return urls
+
+        spool = Spool(tmp_path)
+        prefetcher = Prefetcher(slow_inputs, fast_download(), spool).start()
+        started = time.monotonic()
+        spool.request_stop()
+        assert time.monotonic() - started < 1.0  # nothing of it can be in flight yet
+        prefetcher._thread.join(10)
+        assert prefetcher.fetched == 0 and sum(srv.hits.values()) == 0 and (tmp_path / "stopped").exists()
+
+
 def test_head_start_urls_take_the_first_shards_in_turn(tmp_path):
     urls = [f"http://h/{i}.jpg" for i in range(10)] + ["http://h/0.jpg"]  # a repeat planning skips too
     path = tmp_path / "urls.parquet"
@@ -97,6 +114,15 @@ def test_head_start_urls_take_the_first_shards_in_turn(tmp_path):
     assert picked == [f"http://h/{i}.jpg" for i in (0, 3, 1, 4, 2, 5)]
     store.put_parquet(input_key("d", 0), pa.table({"key": ["k"]}))
     assert head_start_urls(store, "d", [InputSpec(path=str(path))], shard_size=3, shards=2) == []  # a resume
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    second = tmp_path / "more.parquet"
+    pq.write_table(pa.table({"url": ["http://h/x.jpg"], "caption": ["c"]}), second)
+    fresh = LocalStore(tmp_path / "fresh")
+    assert head_start_urls(fresh, "d", [InputSpec(path=str(folder)), InputSpec(path=str(path))], 3, 2) == []
+    both = [InputSpec(path=str(path)), InputSpec(path=str(second))]  # 10 distinct URLs are not enough: reads on
+    order = [0, 6, 1, 7, 2, 8, 3, 9, 4, "x", 5]
+    assert head_start_urls(fresh, "d", both, shard_size=6, shards=2) == [f"http://h/{i}.jpg" for i in order]
 
 
 def test_new_spool_removes_those_of_dead_processes(tmp_path, monkeypatch):
