@@ -62,7 +62,8 @@ class ClusterStart:
                  env: dict[str, str] | None = None):
         self.key = (local_workers(n_workers), gpu, tuple(warm))
         self._out: dict = {}
-        env = {**(env or {}), **({"PREFECT_API_URL": api_url} if api_url else {})}
+        self.env = dict(env or {})  # what a replacement cluster passes on (infra/runtime.py)
+        env = {**self.env, **({"PREFECT_API_URL": api_url} if api_url else {})}
         self._thread = threading.Thread(target=self._start, args=(env,), daemon=True)
         self._thread.start()
 

@@ -87,9 +87,11 @@ def flow_runtime(dask_address: str | None = None, n_workers: int | None = None, 
     with ExitStack() as stack:
         server, early = None, prefect_server.take_early()
         early_cluster = clusters.take_early(n_workers, gpu, warm) if not dask_address else None
+        worker_env: dict[str, str] = {}  # e.g. the head start's spool (tasks/prefetch.py)
         if PREFECT_API_URL.value() and early:  # an API configured in a Prefect profile: not needed after all
             stop_server(early[0])
             if early_cluster is not None:  # its workers were told the early server's address
+                worker_env = early_cluster.env
                 early_cluster.close()
                 early_cluster = None
         elif not PREFECT_API_URL.value():
@@ -98,7 +100,7 @@ def flow_runtime(dask_address: str | None = None, n_workers: int | None = None, 
             # Dask worker processes started from here inherit the environment and report to this server.
             os.environ["PREFECT_API_URL"] = api_url
             stack.callback(os.environ.pop, "PREFECT_API_URL", None)
-        starting = None if dask_address else early_cluster or ClusterStart(n_workers, gpu, warm)
+        starting = None if dask_address else early_cluster or ClusterStart(n_workers, gpu, warm, env=worker_env)
         if server is not None:
             wait_until_healthy(server, api_url)
             save_template(server)

@@ -167,3 +167,33 @@ def test_cli_head_start_fetches_every_url_once_and_leaves_no_spool(tmp_path):
     assert (rows[urls[80]]["error_class"], rows[urls[81]]["error_class"], rows[urls[82]]["error_class"]) == (
         "robots_txt", "x_robots_tag", "http_404")
     assert not list(tmp.glob(f"{SPOOL_PREFIX}*"))  # removed at exit
+
+
+@pytest.mark.slow
+def test_head_start_survives_an_api_found_in_a_prefect_profile(tmp_path):
+    """The early cluster is replaced when the API comes from a Prefect profile (its workers were told another
+    server): the replacement's workers must still find the spool, or every prefetched URL would be fetched twice."""
+    from infra.prefect_server import start_temporary_server, stop_server, wait_until_healthy
+
+    server, api = start_temporary_server()
+    try:
+        wait_until_healthy(server, api)
+        with ImageServer(PHOTOS[:10]) as srv:
+            urls = srv.image_urls(120)
+            url_list = tmp_path / "urls.parquet"
+            pq.write_table(pa.table({"url": urls, "caption": ["c"] * len(urls)}), url_list)
+            profiles = tmp_path / "profiles.toml"
+            profiles.write_text(f'active = "lasting"\n[profiles.lasting]\nPREFECT_API_URL = "{api}"\n')
+            env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+            env.update(PYTHONPATH=str(REPO), PREFECT_PROFILES_PATH=str(profiles))
+            proc = subprocess.run(
+                [sys.executable, "-m", "flows.cli", "ingest", str(url_list), "--dataset", "d", "--store",
+                 str(tmp_path / "store"), "--shard-size", "60", "--workers", "2", "--allow-cidr", "127.0.0.0/8"],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+            )
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert f"using the Prefect API at {api}" in proc.stderr and "head start: " in proc.stderr
+            image_hits = [n for p, n in srv.hits.items() if p.startswith("/img/")]
+            assert len(image_hits) == 120 and set(image_hits) == {1}
+    finally:
+        stop_server(server)
