@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import pickle
 import shutil
@@ -33,6 +34,7 @@ from tasks.download import Downloader, FetchResult
 from tasks.inputs import detect_format, first_occurrences, read_inputs
 from tasks.shards import planned_shards
 
+log = logging.getLogger(__name__)
 SPOOL_PREFIX = "capfactory-prefetch-"  # + pid + random: the spool folders in the temp folder
 SPOOL_ENV = "CAPFACTORY_PREFETCH_SPOOL"  # set in the workers' environment: where the spool is
 MAX_SPOOL_BYTES = 256 << 20  # stop prefetching beyond this many body bytes
@@ -141,6 +143,8 @@ class Prefetcher:
     def _run(self) -> None:
         try:
             asyncio.run(self._main())
+        except Exception as e:  # best effort: the shard tasks fetch what it did not, and report real errors
+            log.debug("head start stopped: %s: %s", type(e).__name__, e)
         finally:
             self.spool.mark_stopped()
 

@@ -197,3 +197,15 @@ def test_head_start_survives_an_api_found_in_a_prefect_profile(tmp_path):
             assert len(image_hits) == 120 and set(image_hits) == {1}
     finally:
         stop_server(server)
+
+
+def test_a_failing_head_start_says_it_stopped_and_raises_nothing(tmp_path, capsys):
+    def unreadable() -> list[str]:
+        raise OSError("input went away")
+
+    spool = Spool(tmp_path)
+    prefetcher = run_prefetcher([], fast_download(), spool)  # nothing to fetch
+    assert prefetcher.fetched == 0 and (tmp_path / "stopped").exists()
+    (tmp_path / "stopped").unlink()
+    Prefetcher(unreadable, fast_download(), spool).start()._thread.join(10)
+    assert (tmp_path / "stopped").exists() and "Traceback" not in capsys.readouterr().err
