@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import machine_info  # noqa: E402
+from bench.fusion_eval import load_data  # noqa: E402
 from tasks.detect import YoloxOnnxDetector  # noqa: E402
 from tasks.grounding import canonical_labels, mentioned_concepts  # noqa: E402
 
@@ -107,16 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "detect_ceiling.json")
     args = p.parse_args(argv)
 
-    objects = {r["file"]: r for r in map(json.loads, (args.photos / "objects.jsonl").read_text().splitlines())}
-    captions = [json.loads(x) for x in (args.photos / "captions.jsonl").read_text().splitlines() if x.strip()]
-    chosen = [c for c in captions if c["file"] in objects][: args.images]
+    chosen, truth = load_data(args.photos, args.images)
     detector = YoloxOnnxDetector(model_path=str(args.model), score_threshold=0.2)
     samples = []
     for c in chosen:
         with Image.open(args.photos / c["file"]) as im:
             views = detect_views(detector, im.convert("RGB"))
         samples.append({"file": c["file"], "views": views, "alt": mentioned_concepts(c["captions"][0]),
-                        "truth": {o["label"] for o in objects[c["file"]]["objects"] if not o["iscrowd"]}})
+                        "truth": truth[Path(c["file"]).name]})
 
     rows = {name: ceiling(samples, pick) for name, pick in settings().items()}
     goal = rows["alt-text only"]["unsupported_rate"] + 0.03

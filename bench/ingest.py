@@ -92,10 +92,9 @@ def reexec_in_venv() -> None:
 reexec_in_venv()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from common import LoopbackServer, RunResult, machine_info, run_measured  # noqa: E402
+from common import LoopbackServer, RunResult, TreeSampler, machine_info, run_measured  # noqa: E402
 
 # ---- setup --------------------------------------------------------------------------------------------------------
 
@@ -263,8 +262,9 @@ def server_call(base_url: str, path: str, method: str = "GET") -> dict:
 
 def process_cpu_s(pid: int) -> float:
     """User+sys CPU seconds of a live process and its children so far."""
-    proc = psutil.Process(pid)
-    return sum(sum(p.cpu_times()[:2]) for p in (proc, *proc.children(recursive=True)))
+    sampler = TreeSampler(pid)
+    sampler.sample()
+    return sampler.cpu_s() or 0.0
 
 
 def run_tool(tool: str, n: int, urls: Path, work: Path, run_idx: int, args: argparse.Namespace,

@@ -209,18 +209,17 @@ def _start_cluster(ds, stages: list, dask_address: str | None, workers: int | No
     cluster.start_early(n_workers, needs_gpu(stages), tuple(stages[0].warm), prefect_server.early_url(),
                         {SPOOL_ENV: str(spool.root)} if spool else None)
     if spool:
-        _start_prefetch(ds, stages[0].config, n_workers, spool)
+        _start_prefetch(ds, ds.store or settings.store, stages[0].config, n_workers, spool)
 
 
-def _start_prefetch(ds, cfg, n_workers: int, spool) -> None:
+def _start_prefetch(ds, store_uri: str, cfg, n_workers: int, spool) -> None:
     """Fetch the URLs of the first shard of each worker into `spool` until a shard task starts; stopped and removed
     at exit."""
-    from infra.settings import Settings
     from infra.store import open_store
     from tasks.prefetch import Prefetcher, head_start_urls
 
     def urls() -> list[str]:
-        store = open_store(ds.store or Settings().store)
+        store = open_store(store_uri)
         return head_start_urls(store, ds.name, list(ds.inputs), cfg.shard_size, n_workers)
 
     prefetcher = Prefetcher(urls, cfg.download, spool).start()
